@@ -1,0 +1,50 @@
+"""hadctl: keep a Python service highly available with hot standbys and no supervisor.
+
+This package's top level is the small API for code that runs under hadctl.
+It imports nothing, so a standby stays small; everything is a no-op (or None)
+when the code runs outside hadctl (for example under ``hadctl foreground``).
+"""
+from __future__ import annotations
+
+import os
+
+__version__ = "0.1.0"
+__all__ = ["ready", "slot", "warmup_result", "fencing_token", "lock_fd"]
+
+# Filled in by hadctl.worker when this process becomes main.
+_state: dict[str, object] = {}
+
+
+def ready() -> None:
+    """Tell hadctl this main is ready to serve (``restart`` waits for it when
+    ``ready_timeout`` is set). Call once, after your set-up; harmless to repeat."""
+    path = _state.get("ready_file")
+    if not isinstance(path, str):
+        return
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w") as handle:
+        handle.write(f"{os.getpid()}\n")
+    os.replace(temporary, path)
+
+
+def slot() -> int | None:
+    """The main slot this process holds (1-based), or None."""
+    value = _state.get("slot")
+    return value if isinstance(value, int) else None
+
+
+def warmup_result() -> object:
+    """What the ``warmup`` function returned in this process (None without one)."""
+    return _state.get("warmup")
+
+
+def fencing_token() -> int | None:
+    """A number that grows with each new holder of this slot (ZooKeeper engine), else None."""
+    value = _state.get("fencing_token")
+    return value if isinstance(value, int) else None
+
+
+def lock_fd() -> int | None:
+    """The fd holding the main slot's lock (also in ``$HADC_lock_fd``), or None."""
+    value = _state.get("lock_fd")
+    return value if isinstance(value, int) else None

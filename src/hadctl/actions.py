@@ -1,0 +1,560 @@
+"""One function per action; each returns an ``Outcome`` and never prints or exits.
+
+Controllers that change state (start, stop, restart, fork, reload, upgrade)
+take turns on ``PID_DIR/hadctl.lock`` so that concurrent runs end coherent.
+Nothing here trusts a pid file: slots are read from their locks (probe.py) and
+a process is signalled only through a pidfd opened after that check.
+Imports everything below it; never click or rich.
+"""
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+from . import probe, spawn
+from .config import ServiceConfig
+from .errors import BusyError, ConfigError, NotPermittedError, NotRunningError
+from .layout import Layout, read_pid_file, remove_stale
+from .locks import flock
+from .log import Log
+from .model import Outcome, Role, SlotReport, Step
+
+SPAWN_TIMEOUT = 30.0
+CONTROL_TIMEOUT = 60.0
+
+
+class Service:
+    """One service during one action: its config, paths, log and output lines."""
+
+    def __init__(self, cfg: ServiceConfig) -> None:
+        self.cfg = cfg
+        self.layout = Layout(cfg.pid_dir, cfg.locks.path, cfg.locks.standby_path, cfg.standby_stop_file)
+        self.log = Log(cfg.log_file)
+        self.steps: list[Step] = []
+
+    def say(self, what: str, result: str, ok: bool = True) -> None:
+        self.steps.append(Step(what, result, ok))
+        self.log.write("INFO" if ok else "ERROR", f"{what} [{result}]")
+
+    def slots(self) -> tuple[list[SlotReport], list[probe.Stale]]:
+        return probe.read_slots(self.layout, self.cfg.locks.max_procs, self.cfg.locks.standby_max_procs)
+
+    def outcome(self, action: str, status: int, slots: list[SlotReport] | None = None,
+                **detail: object) -> Outcome:
+        return Outcome(self.cfg.name, action, status, tuple(self.steps), tuple(slots or ()),
+                       self.cfg.log_file, dict(detail))
+
+
+# ------------------------------------------------------------------ helpers
+
+
+@contextmanager
+def _control(svc: Service, timeout: float = CONTROL_TIMEOUT) -> Iterator[None]:
+    """Hold the controllers' lock for the body; another controller waits its turn."""
+    path = svc.layout.control_lock
+    try:
+        fd = flock.take_control(path, timeout)
+    except PermissionError as exc:
+        raise NotPermittedError(f"cannot take lock {path}: {exc.strerror}") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot take lock {path}: {exc.strerror}") from exc
+    if fd is None:
+        raise BusyError(f"another hadctl is working on {svc.cfg.name} (it holds {path}); "
+                        f"gave up after {timeout:g} s")
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def _prepare(svc: Service) -> None:
+    """Create pid_dir, lock folders and log file before the first fork.
+
+    Folders we create are given to the service's user, so an unprivileged
+    worker can write its pid files. Bad paths fail here, before anything runs.
+    """
+    cfg = svc.cfg
+    ident = cfg.identity
+    chown = os.geteuid() == 0 and ident.uid is not None
+    for key, folder in (("pid_dir", cfg.pid_dir), ("locks.path", cfg.locks.path),
+                        ("locks.standby_path", cfg.locks.standby_path)):
+        existed = os.path.isdir(folder)
+        try:
+            os.makedirs(folder, 0o755, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise ConfigError(f'{cfg.config_file}: key "{key}": {folder} is not a directory') from None
+        except PermissionError:
+            raise NotPermittedError(f"cannot create {folder}: Permission denied") from None
+        except OSError as exc:
+            raise ConfigError(f'{cfg.config_file}: key "{key}": cannot create {folder}: {exc.strerror}') from None
+        if not os.access(folder, os.W_OK):
+            raise NotPermittedError(f"cannot write in {folder}: Permission denied")
+        if chown and not existed:
+            os.chown(folder, ident.uid or 0, -1 if ident.gid is None else ident.gid)
+    for key, path in (("log_file", cfg.log_file), ("stdout_file", cfg.stdout_file),
+                      ("stderr_file", cfg.stderr_file)):
+        if path is None:
+            continue
+        existed = os.path.exists(path)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            os.close(fd)
+        except PermissionError:
+            raise NotPermittedError(f"cannot open {key} {path}: Permission denied") from None
+        except OSError as exc:
+            raise ConfigError(f'{cfg.config_file}: key "{key}": cannot open {path}: {exc.strerror}') from None
+        if chown and not existed:
+            os.chown(path, ident.uid or 0, -1 if ident.gid is None else ident.gid)
+
+
+def _clean_stale(svc: Service, stale: list[probe.Stale]) -> None:
+    """Remove stale pid files (re-read first: a new holder may have just renamed its own)."""
+    for item in stale + probe.unknown_pid_files(svc.layout):
+        now = read_pid_file(item.path)
+        if now is None or (now.pid is not None and now.pid != item.pid):
+            continue  # gone, or replaced by a process that has just taken the slot
+        if remove_stale(item.path):
+            svc.say(f"removed stale {os.path.basename(item.path)} ({item.why})", "OK")
+        else:
+            svc.say(f"cannot remove stale {item.path} ({item.why})", "Failed", ok=False)
+
+
+def _spawn(svc: Service, count: int) -> list[spawn.Report]:
+    spec = svc.cfg.worker_spec()
+    env = spawn.worker_environment(spec)
+    started = [spawn.spawn(spec, env) for _ in range(count)]
+    timeout = SPAWN_TIMEOUT + (svc.cfg.ready_timeout or 0)
+    return spawn.collect(started, timeout)
+
+
+def _fill(svc: Service, reports: list[SlotReport]) -> int:
+    """Spawn one process per free slot; returns the LSB status of the attempt."""
+    free = [r for r in reports if not r.running]
+    if not free:
+        return 0
+    status = 0
+    failures: set[str] = set()
+    for report in _spawn(svc, len(free)):
+        if report.kind in ("main", "standby"):
+            svc.say(f"{report.kind} #{report.slot} started (pid {report.pid})", "Started")
+        elif report.kind == "noslot":
+            svc.log.trace(f"spawned process {report.pid} found every slot taken")
+        elif report.message not in failures:
+            failures.add(report.message)
+            if report.kind == "import-error":
+                svc.say(f"cannot start: {report.message}", "Failed", ok=False)
+                status = 5
+            elif report.kind == "stopfile":
+                svc.say(f"not started: standby stop file {svc.cfg.standby_stop_file} exists", "Failed", ok=False)
+                status = max(status, 1)
+            else:
+                svc.say(f"cannot start: {report.message}", "Failed", ok=False)
+                status = status or 1
+    return status
+
+
+def _touch(path: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    os.close(fd)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _targets(reports: list[SlotReport], role: Role) -> list[tuple[SlotReport, probe.Target]]:
+    """Open a pidfd on each holder of a ``role`` slot (checked a moment ago by its lock)."""
+    found = []
+    for report in reports:
+        if report.role is role and report.pid is not None:
+            target = probe.open_target(report.pid)
+            if target is not None:
+                found.append((report, target))
+    return found
+
+
+def _end(svc: Service, targets: list[tuple[SlotReport, probe.Target]], role: Role) -> list[SlotReport]:
+    """The stop ladder for ``targets``, all at once; returns the slots whose holder survived.
+
+    Mains: ``main_stop_file`` (``%p`` -> pid) and ``stop_file_kill_timeout``, then
+    each of ``stop_signals`` with ``signal_kill_timeout`` between them; with
+    ``kill_mode = "group"`` every signal goes to the main's process group, and
+    the ladder goes on while anything of the group lives. Standbys: TERM, KILL.
+    Exits are waited for on pidfds, so this returns as soon as they are gone.
+    """
+    cfg = svc.cfg
+    group = role is Role.MAIN and cfg.kill_mode == "group"
+    alive = [t for _r, t in targets]
+    stop_files: list[str] = []
+    if role is Role.MAIN and cfg.main_stop_file:
+        for target in alive:
+            path = cfg.main_stop_file.replace("%p", str(target.pid))
+            try:
+                _touch(path)
+                stop_files.append(path)
+            except OSError as exc:
+                svc.log.warn(f"cannot touch main stop file {path}: {exc.strerror}")
+        alive = _still_alive(alive, time.monotonic() + cfg.stop_file_timeout, group)
+    ladder = cfg.stop_signals if role is Role.MAIN else ("TERM", "KILL")
+    for number, name in enumerate(ladder):
+        if not alive:
+            break
+        for target in alive:
+            svc.log.trace(f"sending SIG{name} to {role.value} pid {target.pid}{' and its group' if group else ''}")
+            target.signal(int(getattr(__import__("signal").Signals, "SIG" + name)), group)
+        last = number == len(ladder) - 1
+        alive = _still_alive(alive, time.monotonic() + (cfg.signal_timeout if not last else max(cfg.signal_timeout, 1.0)),
+                             group)
+    for path in stop_files:
+        _remove(path)
+    survivors = {t.pid for t in alive}
+    for _r, target in targets:
+        target.close()
+    return [r for r, t in targets if t.pid in survivors]
+
+
+def _still_alive(targets: list[probe.Target], deadline: float, group: bool) -> list[probe.Target]:
+    left = set(probe.wait_for_exit([t.pidfd for t in targets], deadline))
+    alive = [t for t in targets if t.pidfd in left]
+    if group:
+        for target in targets:
+            if target.pidfd not in left and target.pgid and target.group_left():
+                if probe.wait_for_group(target.pgid, deadline):
+                    alive.append(target)
+    return alive
+
+
+def _stop_standbys(svc: Service, reports: list[SlotReport], quiet_lines: bool = False) -> list[SlotReport]:
+    targets = _targets(reports, Role.STANDBY)
+    survivors = _end(svc, targets, Role.STANDBY)
+    for report, _t in targets:
+        if report in survivors:
+            svc.say(f"standby #{report.slot} (pid {report.pid}) survived TERM and KILL", "Failed", ok=False)
+        elif not quiet_lines:
+            svc.say(f"standby #{report.slot} (pid {report.pid})", "Stopped")
+    return survivors
+
+
+# ------------------------------------------------------------------ actions
+
+
+def start(cfg: ServiceConfig) -> Outcome:
+    """Remove the stop file and spawn whatever main and standby slots are free."""
+    svc = Service(cfg)
+    _prepare(svc)
+    with _control(svc):
+        _remove(cfg.standby_stop_file)
+        return _start_locked(svc, "start")
+
+
+def _start_locked(svc: Service, action: str) -> Outcome:
+    reports, stale = svc.slots()
+    _clean_stale(svc, stale)
+    if all(r.running for r in reports):
+        svc.say("Already Running", "OK")
+        return svc.outcome(action, 0, reports)
+    status = _fill(svc, reports)
+    return svc.outcome(action, status, svc.slots()[0])
+
+
+def fork(cfg: ServiceConfig) -> Outcome:
+    """For cron: refuse while the stop file exists, else spawn whatever is missing."""
+    svc = Service(cfg)
+    if os.path.lexists(cfg.standby_stop_file):
+        svc.say(f"not forking: standby stop file {cfg.standby_stop_file} exists", "Failed", ok=False)
+        return svc.outcome("fork", 1)
+    _prepare(svc)
+    with _control(svc):
+        if os.path.lexists(cfg.standby_stop_file):  # a stop came first
+            svc.say(f"not forking: standby stop file {cfg.standby_stop_file} exists", "Failed", ok=False)
+            return svc.outcome("fork", 1)
+        reports, stale = svc.slots()
+        _clean_stale(svc, stale)
+        status = _fill(svc, reports)
+        return svc.outcome("fork", status, svc.slots()[0] if svc.steps else reports)
+
+
+def stop(cfg: ServiceConfig) -> Outcome:
+    """Touch the stop file; stop standbys, then mains (stop ladder); clean pid files."""
+    svc = Service(cfg)
+    if not os.path.isdir(cfg.pid_dir):
+        svc.say("Not Running", "OK")
+        return svc.outcome("stop", 0)
+    with _control(svc):
+        return _stop_locked(svc)
+
+
+def _stop_locked(svc: Service) -> Outcome:
+    cfg = svc.cfg
+    try:
+        _touch(cfg.standby_stop_file)
+    except OSError as exc:
+        svc.say(f"cannot create standby stop file {cfg.standby_stop_file}: {exc.strerror}", "Failed", ok=False)
+    stopped_any = False
+    survivors: list[SlotReport] = []
+    for _round in range(5):  # a respawn racing us is caught on the next round
+        reports, stale = svc.slots()
+        if not any(r.running for r in reports):
+            break
+        stopped_any = True
+        survivors = _stop_standbys(svc, reports)
+        targets = _targets(reports, Role.MAIN)
+        survivors += _end(svc, targets, Role.MAIN)
+        for report, _t in targets:
+            if report not in survivors:
+                svc.say(f"main #{report.slot} (pid {report.pid})", "Stopped")
+    reports, stale = svc.slots()
+    _clean_stale(svc, stale)
+    for slot in range(1, cfg.locks.max_procs + 1):
+        _remove(svc.layout.ready_file(slot))
+    running = [r for r in reports if r.running]
+    for report in running:
+        svc.say(f"{report.label} (pid {report.pid}) still holds its slot", "Failed", ok=False)
+    if not stopped_any:
+        svc.say("Not Running", "OK")
+    return svc.outcome("stop", 1 if running else 0, reports)
+
+
+def hard_restart(cfg: ServiceConfig) -> Outcome:
+    """stop, then start; exits as start does."""
+    svc = Service(cfg)
+    _prepare(svc)
+    with _control(svc):
+        stopped = _stop_locked(svc)
+        if stopped.exit_status != 0:
+            return svc.outcome("hard-restart", stopped.exit_status, list(stopped.slots))
+        _remove(cfg.standby_stop_file)
+        return _start_locked(svc, "hard-restart")
+
+
+def restart(cfg: ServiceConfig) -> Outcome:
+    """Zero-downtime restart: fresh standbys first, then mains one at a time.
+
+    1. stop the standbys (stop file + TERM, so waiting ones leave at once);
+    2. remove the stop file and spawn new standbys, which import the new code;
+    3. for each main: stop it, then wait until another process holds its slot
+       (and says ready, when ``ready_timeout`` is set) before the next one;
+    4. refill the standbys. On failure stop there, naming the slot; exit 1.
+    """
+    svc = Service(cfg)
+    _prepare(svc)
+    with _control(svc):
+        reports, stale = svc.slots()
+        if not any(r.running for r in reports if r.role is Role.MAIN):
+            _remove(cfg.standby_stop_file)
+            return _start_locked(svc, "restart")
+        _clean_stale(svc, stale)
+        _touch(cfg.standby_stop_file)
+        survivors = _stop_standbys(svc, reports, quiet_lines=True)
+        _remove(cfg.standby_stop_file)
+        if survivors:
+            return svc.outcome("restart", 1, svc.slots()[0])
+        if cfg.locks.standby_max_procs == 0:
+            return _restart_without_standbys(svc, reports)
+        reports = svc.slots()[0]
+        if _fill(svc, [r for r in reports if r.role is Role.STANDBY]) != 0:
+            svc.say("restart stopped: new standbys did not start; the old mains still run", "Failed", ok=False)
+            return svc.outcome("restart", 1, svc.slots()[0])
+        for report in [r for r in reports if r.role is Role.MAIN and r.running]:
+            if not _hand_over(svc, report):
+                return svc.outcome("restart", 1, svc.slots()[0])
+        time_left = time.monotonic() + SPAWN_TIMEOUT
+        reports = svc.slots()[0]
+        status = _fill(svc, [r for r in reports if r.role is Role.STANDBY or not r.running]) \
+            if time.monotonic() < time_left else 1
+        return svc.outcome("restart", status, svc.slots()[0])
+
+
+def _hand_over(svc: Service, report: SlotReport) -> bool:
+    """Stop the main of one slot and wait until a new process holds it (and is ready)."""
+    from .watch import FolderWatch
+
+    cfg = svc.cfg
+    watch = FolderWatch(cfg.pid_dir)
+    try:
+        targets = _targets([report], Role.MAIN)
+        if not targets:  # it left on its own meanwhile
+            pass
+        elif _end(svc, targets, Role.MAIN):
+            svc.say(f"main #{report.slot} (pid {report.pid}) did not stop; restart stopped there", "Failed", ok=False)
+            return False
+        wait = max(cfg.locks.interval, 5.0) + (cfg.ready_timeout or 0)
+        holder = _wait_for_new_holder(svc, watch, report, time.monotonic() + wait)
+        if holder is None:
+            svc.say(f"main #{report.slot}: no standby took the slot within {wait:g} s; restart stopped there",
+                    "Failed", ok=False)
+            return False
+        if cfg.ready_timeout is not None:
+            if not _wait_for_ready(svc, watch, report.slot, holder, time.monotonic() + cfg.ready_timeout):
+                svc.say(f"main #{report.slot} (pid {holder}) did not say ready within {cfg.ready_timeout:g} s; "
+                        "restart stopped there", "Failed", ok=False)
+                return False
+        svc.say(f"main #{report.slot} (pid {report.pid}) replaced by pid {holder}", "OK")
+        return True
+    finally:
+        watch.close()
+
+
+def _wait_for_new_holder(svc: Service, watch: "object", report: SlotReport, deadline: float) -> int | None:
+    import select
+
+    lock_file = svc.layout.lock_file("main", report.slot)
+    pid_file = svc.layout.pid_file("main", report.slot)
+    while True:
+        found = read_pid_file(pid_file)
+        hints = [found.pid] if found is not None else []
+        holder = flock.HolderProbe().holder(lock_file, hints)
+        if holder is not None and holder != report.pid:
+            return holder
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        # Woken by the new main renaming its pid file; the timeout only bounds a missed event.
+        if select.select([watch.fd], [], [], min(left, 0.05))[0]:  # type: ignore[attr-defined]
+            watch.names()  # type: ignore[attr-defined]
+
+
+def _wait_for_ready(svc: Service, watch: "object", slot: int, pid: int, deadline: float) -> bool:
+    import select
+
+    path = svc.layout.ready_file(slot)
+    while True:
+        found = read_pid_file(path)
+        if found is not None and found.pid == pid:
+            return True
+        left = deadline - time.monotonic()
+        if left <= 0 or not probe.is_alive(pid):
+            return False
+        if select.select([watch.fd], [], [], min(left, 0.5))[0]:  # type: ignore[attr-defined]
+            watch.names()  # type: ignore[attr-defined]
+
+
+def _restart_without_standbys(svc: Service, reports: list[SlotReport]) -> Outcome:
+    """With no standby slots a gap is unavoidable: stop each main, start a new one."""
+    for report in [r for r in reports if r.role is Role.MAIN and r.running]:
+        if _end(svc, _targets([report], Role.MAIN), Role.MAIN):
+            svc.say(f"main #{report.slot} (pid {report.pid}) did not stop; restart stopped there", "Failed", ok=False)
+            return svc.outcome("restart", 1, svc.slots()[0])
+        status = _fill(svc, [r for r in svc.slots()[0] if r.role is Role.MAIN])
+        if status != 0:
+            return svc.outcome("restart", status, svc.slots()[0])
+    return svc.outcome("restart", 0, svc.slots()[0])
+
+
+def reload(cfg: ServiceConfig) -> Outcome:
+    """SIGHUP to each main; NotRunningError (7) when no main runs."""
+    import signal
+
+    svc = Service(cfg)
+    with _control(svc):
+        reports, _stale = svc.slots()
+        targets = _targets(reports, Role.MAIN)
+        if not targets:
+            raise NotRunningError(f"{cfg.name}: no main is running, nothing to reload")
+        for report, target in targets:
+            target.signal(signal.SIGHUP, group=False)
+            target.close()
+            svc.say(f"main #{report.slot} (pid {report.pid}) sent SIGHUP", "OK")
+        return svc.outcome("reload", 0, reports)
+
+
+def upgrade(cfg: ServiceConfig) -> Outcome:
+    """Refresh standbys, then touch ``main_upgrade_file`` for each main and wait for its removal."""
+    import select
+
+    from .watch import IN_DELETE_SELF, FolderWatch
+
+    svc = Service(cfg)
+    if not cfg.main_upgrade_file:
+        raise ConfigError(f'{cfg.config_file}: key "main_upgrade_file": required by upgrade')
+    _prepare(svc)
+    with _control(svc):
+        reports, _stale = svc.slots()
+        mains = [r for r in reports if r.role is Role.MAIN and r.running]
+        if not mains:
+            raise NotRunningError(f"{cfg.name}: no main is running, nothing to upgrade")
+        _touch(cfg.standby_stop_file)
+        survivors = _stop_standbys(svc, reports, quiet_lines=True)
+        _remove(cfg.standby_stop_file)
+        if survivors or _fill(svc, [r for r in svc.slots()[0] if r.role is Role.STANDBY]) != 0:
+            return svc.outcome("upgrade", 1, svc.slots()[0])
+        status = 0
+        timeout = cfg.upgrade_timeout if cfg.upgrade_timeout is not None else cfg.kill_timeout
+        for report in mains:
+            path = cfg.main_upgrade_file.replace("%p", str(report.pid))
+            watch = FolderWatch(os.path.dirname(path), 0x200 | IN_DELETE_SELF)  # IN_DELETE
+            try:
+                _touch(path)
+                deadline = time.monotonic() + timeout
+                while os.path.exists(path) and time.monotonic() < deadline:
+                    select.select([watch.fd], [], [], max(0.0, deadline - time.monotonic()))
+                    watch.names()
+            finally:
+                watch.close()
+            if os.path.exists(path):
+                _remove(path)
+                svc.say(f"main #{report.slot} (pid {report.pid}) did not take the upgrade within {timeout:g} s",
+                        "Failed", ok=False)
+                status = 1
+            else:
+                svc.say(f"main #{report.slot} (pid {report.pid}) upgraded", "OK")
+        return svc.outcome("upgrade", status, svc.slots()[0])
+
+
+def status(cfg: ServiceConfig) -> Outcome:
+    """Read every expected slot from its lock: 0 all running, 3 none, 1 some."""
+    svc = Service(cfg)
+    reports, _stale = svc.slots()
+    for report in reports:
+        stale = f" (stale: {'; '.join(report.stale)})" if report.stale else ""
+        if report.running:
+            svc.steps.append(Step(f"{report.label} (pid {report.pid}){stale}", "Running", True))
+        else:
+            svc.steps.append(Step(f"{report.label}{stale}", "Not Running", False))
+    return svc.outcome("status", status_code(reports), reports)
+
+
+def status_code(reports: list[SlotReport]) -> int:
+    running = sum(r.running for r in reports)
+    if running == len(reports):
+        return 0
+    return 3 if running == 0 else 1
+
+
+def foreground(cfg: ServiceConfig) -> int:
+    """Run the entrypoint in this process: no fork, no locks. Returns its exit status."""
+    import sys
+    from importlib import import_module
+
+    from .errors import NotInstalledError
+
+    sys.path[:0] = list(cfg.python_path)
+    os.environ.update(dict(cfg.env))
+    if cfg.directory:
+        os.chdir(cfg.directory)
+    if cfg.umask is not None:
+        os.umask(cfg.umask)
+    module_name, _, attribute = cfg.entrypoint.partition(":")
+    try:
+        value: object = import_module(module_name)
+        for part in attribute.split("."):
+            value = getattr(value, part)
+    except (ImportError, AttributeError) as exc:
+        raise NotInstalledError(f"cannot import {cfg.entrypoint}: {type(exc).__name__}: {exc}") from exc
+    if not callable(value):
+        raise NotInstalledError(f"cannot run {cfg.entrypoint}: not callable")
+    try:
+        code = value(*cfg.args)
+    except SystemExit as exc:
+        code = exc.code
+    if code is None:
+        return 0
+    if isinstance(code, int) and not isinstance(code, bool):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    return 1

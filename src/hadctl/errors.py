@@ -1,0 +1,46 @@
+"""Errors of hadctl, each carrying the LSB exit status the CLI turns it into.
+
+Leaf module: imports nothing from hadctl, and nothing heavy, because the
+spawned worker imports it too.
+"""
+from __future__ import annotations
+
+
+class HadctlError(Exception):
+    """Base of every error hadctl reports as one line and an exit status."""
+
+    exit_status = 1
+
+
+class ActionFailedError(HadctlError):
+    """The action ran and did not do what it promised (LSB 1)."""
+
+    exit_status = 1
+
+
+class BusyError(ActionFailedError):
+    """Another hadctl controller holds the service's control lock."""
+
+
+class NotPermittedError(HadctlError):
+    """The user may not do this (LSB 4)."""
+
+    exit_status = 4
+
+
+class NotInstalledError(HadctlError):
+    """The entrypoint cannot be imported or called (LSB 5)."""
+
+    exit_status = 5
+
+
+class ConfigError(HadctlError):
+    """The configuration file is missing, unreadable or invalid (LSB 6)."""
+
+    exit_status = 6
+
+
+class NotRunningError(HadctlError):
+    """The action needs a running main and none runs (LSB 7)."""
+
+    exit_status = 7

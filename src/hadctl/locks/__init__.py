@@ -1,0 +1,1 @@
+"""Lock engines for main slots (flock, later zookeeper); standby slots are always flock."""

@@ -1,0 +1,60 @@
+"""Plain values shared by actions and the renderer: roles, slot reports, outcomes.
+
+Leaf module: imports nothing from hadctl. The spawned worker never imports it
+(dataclasses cost memory there); only controllers do.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class Role(enum.Enum):
+    MAIN = "main"
+    STANDBY = "standby"
+
+
+@dataclass(frozen=True, slots=True)
+class SlotReport:
+    """What the locks say about one slot.
+
+    ``pid`` is the holder of the slot's lock, or None when nobody holds it.
+    ``stale`` lists pid files found for the slot whose pid does not hold it.
+    """
+
+    role: Role
+    slot: int
+    pid: int | None
+    stale: tuple[str, ...] = ()
+    host: str | None = None
+    backoff_until: float | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.pid is not None
+
+    @property
+    def label(self) -> str:
+        return f"{self.role.value} #{self.slot}"
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One line of output: ``NAME : what [result]``; ``ok`` picks the colour."""
+
+    what: str
+    result: str
+    ok: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The result of one action for one service: lines, slots and exit status."""
+
+    name: str
+    action: str
+    exit_status: int
+    steps: tuple[Step, ...] = ()
+    slots: tuple[SlotReport, ...] = ()
+    log_file: str | None = None
+    detail: dict[str, object] = field(default_factory=dict)

@@ -1,0 +1,204 @@
+"""Facts about processes: does pid P hold its slot, who is in its group, has it exited.
+
+The lock is the truth, a pid file a hint: ``read_slots`` names a slot's holder
+only when the holder's fd really holds the slot's lock. Signals go through a
+pidfd opened *after* that check, so a recycled pid can never be signalled.
+Exits are waited for as events (pidfd + poll), never with sleeps; a zombie has
+exited (the lock is already free), whoever reaps it and whenever.
+
+Imports layout, model and locks. psutil is not needed: /proc is read directly.
+"""
+from __future__ import annotations
+
+import os
+import select
+import signal
+import time
+from dataclasses import dataclass
+
+from .layout import Layout, PidFile, read_pid_file
+from .locks.flock import HolderProbe
+from .model import Role, SlotReport
+
+
+@dataclass(frozen=True, slots=True)
+class Stale:
+    """A pid file (or junk in its place) that does not name its slot's holder."""
+
+    path: str
+    why: str
+    pid: int | None = None
+
+
+def read_slots(layout: Layout, max_procs: int, standby_max_procs: int,
+               probe: HolderProbe | None = None) -> tuple[list[SlotReport], list[Stale]]:
+    """Every expected slot with its holder, plus the stale pid files found."""
+    probe = probe or HolderProbe()
+    reports: list[SlotReport] = []
+    stale: list[Stale] = []
+    for role, count in ((Role.MAIN, max_procs), (Role.STANDBY, standby_max_procs)):
+        for slot in range(1, count + 1):
+            pid_file = read_pid_file(layout.pid_file(role.value, slot))
+            hints = [pid_file.pid] if pid_file is not None else []
+            holder = probe.holder(layout.lock_file(role.value, slot), hints)
+            notes = _stale_notes(pid_file, holder, role, slot)
+            stale.extend(notes)
+            reports.append(SlotReport(role, slot, holder, tuple(n.why for n in notes)))
+    return reports, stale
+
+
+def _stale_notes(pid_file: PidFile | None, holder: int | None, role: Role, slot: int) -> list[Stale]:
+    if pid_file is None:
+        return []
+    name = os.path.basename(pid_file.path)
+    if pid_file.problem is not None:
+        return [Stale(pid_file.path, f"{name} {pid_file.problem}")]
+    if pid_file.pid != holder:
+        return [Stale(pid_file.path, f"{name} names pid {pid_file.pid}, which does not hold {role.value} slot {slot}",
+                      pid_file.pid)]
+    return []
+
+
+def unknown_pid_files(layout: Layout) -> list[Stale]:
+    """``unknown-PID.pid`` files whose process is gone (a worker that died starting)."""
+    found = []
+    try:
+        names = os.listdir(layout.pid_dir)
+    except OSError:
+        return []
+    for name in names:
+        if name.startswith("unknown-") and name.endswith(".pid"):
+            pid_file = read_pid_file(os.path.join(layout.pid_dir, name))
+            if pid_file is None:
+                continue
+            if pid_file.pid is None or not is_alive(pid_file.pid):
+                found.append(Stale(pid_file.path, f"{name} names no running process"))
+    return found
+
+
+# ------------------------------------------------------------ processes
+
+
+def stat_fields(pid: int) -> tuple[str, int, int] | None:
+    """(state, process group, session) of ``pid`` from /proc, or None when gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            data = handle.read()
+    except OSError:
+        return None
+    fields = data[data.rfind(b")") + 2:].split()
+    return fields[0].decode(), int(fields[2]), int(fields[3])
+
+
+def is_alive(pid: int) -> bool:
+    """Running, sleeping or stopped; a zombie or a missing pid is not alive."""
+    fields = stat_fields(pid)
+    return fields is not None and fields[0] not in ("Z", "X")
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes in process group ``pgid``."""
+    members = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            fields = stat_fields(int(name))
+            if fields is not None and fields[1] == pgid and fields[0] not in ("Z", "X"):
+                members.append(int(name))
+    return members
+
+
+class Target:
+    """A process we have checked and may signal: held through a pidfd.
+
+    Open it right after confirming the pid holds its slot; from then on the
+    pidfd names that very process, even if its pid is later reused.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.pidfd = os.pidfd_open(pid)
+        fields = stat_fields(pid)
+        self.pgid = fields[1] if fields else None
+        self.sid = fields[2] if fields else None
+
+    def signal(self, signum: int, group: bool) -> None:
+        """Send ``signum`` to the process; with ``group``, to its whole process group.
+
+        While the process lives its group id is surely its own; once it has
+        exited, the group's remaining members are signalled one by one, each
+        checked to be in the same group and session.
+        """
+        if group and self.pgid and self.pgid > 1 and self.pgid != os.getpgrp():
+            if not self.exited():
+                try:
+                    os.killpg(self.pgid, signum)
+                    return
+                except ProcessLookupError:
+                    pass
+            for pid in self.group_left():
+                try:
+                    os.kill(pid, signum)
+                except ProcessLookupError:
+                    pass
+            return
+        try:
+            signal.pidfd_send_signal(self.pidfd, signum)
+        except ProcessLookupError:
+            pass
+
+    def group_left(self) -> list[int]:
+        """Live members of the process's group and session, other than itself."""
+        if not self.pgid or self.pgid <= 1 or self.pgid == os.getpgrp():
+            return []
+        return [pid for pid in group_members(self.pgid)
+                if pid != self.pid and (stat_fields(pid) or ("", 0, 0))[2] == self.sid]
+
+    def exited(self, timeout: float = 0.0) -> bool:
+        """Wait up to ``timeout`` seconds for the process to exit (zombie counts)."""
+        return wait_for_exit([self.pidfd], time.monotonic() + timeout) == []
+
+    def close(self) -> None:
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+
+def open_target(pid: int) -> Target | None:
+    try:
+        return Target(pid)
+    except ProcessLookupError:
+        return None
+
+
+def wait_for_exit(pidfds: list[int], deadline: float) -> list[int]:
+    """Block until every pidfd's process has exited or ``deadline``; returns those left."""
+    left = list(pidfds)
+    poller = select.poll()
+    for fd in left:
+        poller.register(fd, select.POLLIN)
+    while left:
+        remaining = deadline - time.monotonic()
+        events = poller.poll(max(0, int(remaining * 1000) + (1 if remaining > 0 else 0)))
+        for fd, _event in events:
+            poller.unregister(fd)
+            left.remove(fd)
+        if remaining <= 0:
+            break
+    return left
+
+
+def wait_for_group(pgid: int, deadline: float) -> list[int]:
+    """Wait until no live process is left in group ``pgid``; returns those still alive."""
+    members = group_members(pgid)
+    fds = []
+    for pid in members:
+        try:
+            fds.append(os.pidfd_open(pid))
+        except ProcessLookupError:
+            continue
+    try:
+        left = wait_for_exit(fds, deadline)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return group_members(pgid) if left else []

@@ -1,0 +1,322 @@
+"""Make a detached process that runs the hadctl worker (see worker.py).
+
+The recipe, in the order it runs (APUE §13.3, "Coding Rules" for daemons):
+
+  parent:      _fork_and_read_report   fork; feed the spec; reap the child
+  child:       _become_session_leader, _fork_again_and_leave
+  grandchild:  _stdio_to_log, _drop_privileges, _set_umask, _chdir,
+               _reset_signals, _close_fds, _exec_worker
+
+The grandchild execs a fresh interpreter (the worker), so a standby carries
+none of the controller's memory (click, rich, tomllib). The worker tells how it
+ended up on the report pipe, one line: ``standby 2 PID``, ``main 1 PID``,
+``noslot PID``, ``stopfile PID``, ``import-error PID MESSAGE`` or
+``error PID MESSAGE``; the parent reads it against a deadline, never sleeping.
+
+A forked child never returns into its caller: its body ends in ``os._exit()``
+and a failure goes to the report pipe, never to logging.
+Imports errors only (and the standard library).
+"""
+from __future__ import annotations
+
+import marshal
+import os
+import select
+import signal
+import sys
+import time
+
+from .errors import ActionFailedError
+
+HADCTL_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BOOT = (f"import sys; sys.path.insert(0, {HADCTL_DIR!r}); "
+        "from hadctl.worker import main; main()")
+_RESET_SIGNALS = ("HUP", "INT", "QUIT", "TERM", "USR1", "USR2", "PIPE", "CHLD", "TTIN", "TTOU", "TSTP")
+
+
+class Report:
+    """What one spawned process said about itself."""
+
+    __slots__ = ("kind", "pid", "slot", "message")
+
+    def __init__(self, kind: str, pid: int | None, slot: int | None = None, message: str = "") -> None:
+        self.kind = kind
+        self.pid = pid
+        self.slot = slot
+        self.message = message
+
+    @classmethod
+    def parse(cls, line: str) -> "Report":
+        words = line.split(" ", 3)
+        kind = words[0]
+        try:
+            if kind in ("main", "standby"):
+                return cls(kind, int(words[2]), int(words[1]))
+            pid = int(words[1]) if len(words) > 1 else None
+        except (ValueError, IndexError):
+            return cls("error", None, None, f"unreadable report {line!r}")
+        return cls(kind, pid, None, " ".join(words[2:]))
+
+    def __repr__(self) -> str:
+        return f"Report({self.kind!r}, pid={self.pid}, slot={self.slot}, {self.message!r})"
+
+
+class Spawned:
+    """A process on its way; ``report_fd`` gives its one-line report."""
+
+    __slots__ = ("report_fd", "buffer")
+
+    def __init__(self, report_fd: int) -> None:
+        self.report_fd = report_fd
+        self.buffer = b""
+
+
+def worker_environment(spec: dict) -> dict[str, str]:  # type: ignore[type-arg]
+    """The environment the worker starts with: ours, plus ``env``, HOME and USER."""
+    env = {k: v for k, v in os.environ.items() if k != "HADC_lock_fd" and not k.startswith("HADCTL_WORKER")}
+    env.update(spec["env"])
+    if spec["user"] is not None:
+        env["USER"] = env["LOGNAME"] = spec["user"]
+    if spec["home"] is not None:
+        env["HOME"] = spec["home"]
+    return env
+
+
+def spawn(spec: dict, env: dict[str, str]) -> Spawned:  # type: ignore[type-arg]
+    """Start one detached worker for ``spec`` (ServiceConfig.worker_spec())."""
+    return _fork_and_read_report(spec, env)
+
+
+def collect(spawned: list[Spawned], timeout: float) -> list[Report]:
+    """Read each spawned process's report, waiting at most ``timeout`` seconds in all."""
+    deadline = time.monotonic() + timeout
+    reports: dict[int, Report] = {}
+    waiting = {s.report_fd: s for s in spawned}
+    while waiting:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        readable, _, _ = select.select(list(waiting), [], [], left)
+        for fd in readable:
+            item = waiting[fd]
+            chunk = os.read(fd, 4096)
+            item.buffer += chunk
+            if b"\n" in item.buffer or not chunk:
+                line = item.buffer.split(b"\n", 1)[0].decode("utf-8", "replace")
+                reports[fd] = (Report.parse(line) if line else
+                               Report("error", None, None, "the process exited without reporting its role"))
+                del waiting[fd]
+    for fd in waiting:
+        reports[fd] = Report("error", None, None, f"no report within {timeout:g} s")
+    for item in spawned:
+        os.close(item.report_fd)
+    return [reports[item.report_fd] for item in spawned]
+
+
+# ---------------------------------------------------------------- parent
+
+
+def _fork_and_read_report(spec: dict, env: dict[str, str]) -> Spawned:  # type: ignore[type-arg]
+    """Fork the child, hand the spec to the future worker through a pipe, reap the child.
+
+    The spec travels as marshal data (no import cost for the worker). The child
+    exits as soon as it has forked the grandchild, so waiting for it is short and
+    leaves no zombie behind.
+    """
+    report_read, report_write = os.pipe()
+    spec_read, spec_write = os.pipe()
+    payload = marshal.dumps(spec)
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        for fd in (report_read, report_write, spec_read, spec_write):
+            os.close(fd)
+        raise ActionFailedError(f"cannot fork: {exc.strerror}") from exc
+    if pid == 0:
+        _run_child(spec, env, report_write, spec_read, (report_read, spec_write))
+    os.close(report_write)
+    os.close(spec_read)
+    try:
+        os.write(spec_write, payload)
+    except BrokenPipeError:
+        pass  # the grandchild died first; its report pipe tells why
+    finally:
+        os.close(spec_write)
+    os.waitpid(pid, 0)
+    return Spawned(report_read)
+
+
+# ---------------------------------------------------------------- child
+
+
+def _run_child(spec: dict, env: dict[str, str], report_fd: int, spec_fd: int,  # type: ignore[type-arg]
+               parent_fds: tuple[int, int]) -> None:
+    """Body of the forked child: never returns, always ends in os._exit()."""
+    try:
+        for fd in parent_fds:
+            os.close(fd)
+        _become_session_leader()
+        _fork_again_and_leave()
+        _run_grandchild(spec, env, report_fd, spec_fd)
+    except BaseException as exc:  # noqa: BLE001 - a forked child reports everything
+        _say(report_fd, f"error {os.getpid()} {_describe(exc)}")
+    finally:
+        os._exit(127)
+
+
+def _become_session_leader() -> None:
+    """setsid(): leave the controller's session and terminal.
+
+    Without it, a Ctrl-C or hangup in the shell that ran hadctl would reach the
+    service. APUE §13.3 rule 3.
+    """
+    os.setsid()
+
+
+def _fork_again_and_leave() -> None:
+    """Fork once more and let the session leader exit.
+
+    The grandchild is not a session leader, so it can never acquire a
+    controlling terminal by opening one; it is reparented to init.
+    APUE §13.3 (the second fork, System V advice).
+    """
+    if os.fork() != 0:
+        os._exit(0)
+
+
+# ---------------------------------------------------------------- grandchild
+
+
+def _run_grandchild(spec: dict, env: dict[str, str], report_fd: int, spec_fd: int) -> None:  # type: ignore[type-arg]
+    _stdio_to_log(spec["log_file"])
+    _drop_privileges(spec["uid"], spec["gid"], spec["user"])
+    _set_umask(spec["umask"])
+    _chdir(spec["directory"])
+    _reset_signals()
+    _close_fds(spec["close_fds_on_start"], keep=(report_fd, spec_fd))
+    _exec_worker(env, report_fd, spec_fd)
+
+
+def _stdio_to_log(log_file: str) -> None:
+    """stdin from /dev/null; stdout and stderr appended to ``log_file``.
+
+    Opened before privileges drop, so a root-owned log still receives output.
+    Without it a write to a closed terminal kills the service (EIO/SIGPIPE).
+    """
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    log = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+
+
+def _drop_privileges(uid: int | None, gid: int | None, user: str | None) -> None:
+    """initgroups, setgid, then setuid: in that order, or the later calls are refused.
+
+    Supplementary groups come from the user's entry (initgroups), else are
+    cleared. python-daemon's change_process_owner does the same.
+    """
+    if gid is not None and gid != os.getgid():
+        if user is not None:
+            os.initgroups(user, gid)
+        else:
+            os.setgroups([gid])
+        os.setgid(gid)
+    if uid is not None and uid != os.getuid():
+        if user is not None and gid is None:
+            os.initgroups(user, os.getgid())
+        os.setuid(uid)
+
+
+def _set_umask(umask: int | None) -> None:
+    """Apply the configured umask, so files the service creates get known modes."""
+    if umask is not None:
+        os.umask(umask)
+
+
+def _chdir(directory: str | None) -> None:
+    """chdir to ``directory`` when configured (HADaemon::Control's ``directory``)."""
+    if directory is not None:
+        os.chdir(directory)
+
+
+def _reset_signals() -> None:
+    """Default dispositions and an empty mask, whatever the controller had.
+
+    Ignored signals survive exec: a controller run under nohup would otherwise
+    give a service that cannot be reloaded with SIGHUP.
+    """
+    for name in _RESET_SIGNALS:
+        signal.signal(signal.Signals["SIG" + name], signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+def _close_fds(close: bool, keep: tuple[int, int]) -> None:
+    """Close every inherited fd but 0, 1, 2 and the two pipes (close_fds_on_start).
+
+    Without it a standby shares the controller's open files and sockets with
+    the main, which is how one crash corrupts the other's connection
+    (HADaemon::Control, close_fds_on_start).
+    """
+    for fd in keep:
+        os.set_inheritable(fd, True)
+    if not close:
+        return
+    low = 3
+    for fd in sorted(keep):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX") if os.sysconf("SC_OPEN_MAX") < 1 << 20 else 1 << 16)
+
+
+def _exec_worker(env: dict[str, str], report_fd: int, spec_fd: int) -> None:
+    """Replace this process with a fresh interpreter running hadctl.worker."""
+    os.execve(sys.executable, [sys.executable, "-c", BOOT, str(report_fd), str(spec_fd)], env)
+
+
+# ---------------------------------------------------------------- from a main
+
+
+def spawn_from_worker(spec: dict) -> int:  # type: ignore[type-arg]
+    """Start a standby from a promoted main, without delaying the main.
+
+    posix_spawn (vfork-fast) with setsid: the new process already has the
+    worker's identity, umask and folder, so only stdio and the spec pipe are
+    set up. Nobody reads its report. Returns its pid.
+    """
+    spec_read, spec_write = os.pipe()
+    os.set_inheritable(spec_read, False)
+    log = os.open(spec["log_file"], os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        actions = [
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_DUP2, log, 1),
+            (os.POSIX_SPAWN_DUP2, log, 2),
+            (os.POSIX_SPAWN_DUP2, spec_read, 3),
+        ]
+        env = {k: v for k, v in os.environ.items() if k != "HADC_lock_fd"}
+        pid = os.posix_spawn(sys.executable, [sys.executable, "-c", BOOT, "-1", "3"], env,
+                             file_actions=actions, setsid=True,
+                             setsigdef=[signal.Signals["SIG" + n] for n in _RESET_SIGNALS],
+                             setsigmask=[])
+        os.write(spec_write, marshal.dumps(spec))
+    finally:
+        for fd in (spec_read, spec_write, log):
+            os.close(fd)
+    return pid
+
+
+def _say(fd: int, line: str) -> None:
+    try:
+        os.write(fd, (line.replace("\n", " ") + "\n").encode("utf-8", "replace"))
+    except OSError:
+        pass
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    return f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,318 @@
+"""The life of a spawned process: slot, import, wait, run, clean up.
+
+Runs in a fresh interpreter exec'd by spawn.py, with the service's spec (a
+plain dict, see ServiceConfig.worker_spec) read from a pipe. In order:
+
+  1. give up at once if the standby stop file exists;
+  2. write ``unknown-PID.pid``; import the entrypoint (and run ``warmup``) so
+     that a standby is warm; an import failure is reported and nothing is taken;
+  3. take a free main slot (``max_procs`` down to 1), else a standby slot,
+     else report ``noslot`` and leave; rename the pid file to match;
+  4. report the role on the report pipe (the controller is waiting for it);
+  5. as a standby, block in the kernel on every main slot at once, and on an
+     inotify watch of the stop file and on our signals: no wake-ups while idle;
+  6. as main: drop the standby slot, spawn a replacement standby, point
+     stdout/stderr at stdout_file/stderr_file, export HADC_lock_fd, call the
+     function; on return remove the pid file and release the slot.
+
+Must stay small (the standby RSS budget is 10 MB): no dataclasses, typing,
+logging, json, click or rich here or in what it imports.
+"""
+from __future__ import annotations
+
+import marshal
+import os
+import select
+import signal
+import sys
+import time
+
+import hadctl
+
+from . import layout as paths
+from .locks import flock
+from .log import Log
+
+EX_NOTINSTALLED = 5
+
+
+def main() -> None:
+    """Entry of the exec'd worker: ``python -c BOOT REPORT_FD SPEC_FD``."""
+    report_fd, spec_fd = int(sys.argv[1]), int(sys.argv[2])
+    chunks = []
+    while True:
+        chunk = os.read(spec_fd, 65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(spec_fd)
+    spec = marshal.loads(b"".join(chunks))
+    sys.argv = [spec["name"]]
+    code = Worker(spec, report_fd).run()
+    sys.exit(code)
+
+
+class Worker:
+    def __init__(self, spec: dict, report_fd: int) -> None:  # type: ignore[type-arg]
+        self.spec = spec
+        self.report_fd = report_fd
+        self.pid = os.getpid()
+        self.log = Log(spec["log_file"])
+        self.layout = paths.Layout.from_spec(spec)
+        self.name = spec["name"]
+        self.pid_file = self.layout.unknown_pid_file(self.pid)
+        self.leaving: int | None = None
+        self.wake_read, self.wake_write = os.pipe()
+        self.watch = None
+
+    # ------------------------------------------------------------ reporting
+
+    def report(self, line: str) -> None:
+        """Tell the controller (once) how we ended up; then close the pipe."""
+        if self.report_fd < 0:
+            return
+        try:
+            os.write(self.report_fd, (line.replace("\n", " ") + "\n").encode("utf-8", "replace"))
+        except OSError:
+            pass  # the controller went away; nothing else to tell
+        os.close(self.report_fd)
+        self.report_fd = -1
+
+    # ------------------------------------------------------------ life
+
+    def run(self) -> int:
+        spec = self.spec
+        if spec["process_name_change"]:
+            _set_title(f"{self.name} - standby")
+        sys.path[:0] = spec["python_path"]
+        self._catch_signals()
+        self._watch_stop_file()
+        if self._stop_file_exists():
+            self.report(f"stopfile {self.pid}")
+            return 0
+        try:
+            paths.write_pid_file(self.pid_file, self.pid)
+        except OSError as exc:
+            self.report(f"error {self.pid} cannot write pid file {self.pid_file}: {exc.strerror}")
+            return 1
+        try:
+            return self._run_with_pid_file()
+        finally:
+            paths.remove_if_ours(self.pid_file, self.pid)
+
+    def _run_with_pid_file(self) -> int:
+        spec = self.spec
+        function = self._import(spec["entrypoint"], "entrypoint")
+        if function is None:
+            return EX_NOTINSTALLED
+        warm = None
+        if spec["warmup"]:
+            warmup = self._import(spec["warmup"], "warmup")
+            if warmup is None:
+                return EX_NOTINSTALLED
+            try:
+                warm = warmup()
+            except BaseException as exc:  # noqa: BLE001 - user code; report, never crash silently
+                import traceback
+
+                traceback.print_exc()
+                self.report(f"error {self.pid} warmup {spec['warmup']} failed: {type(exc).__name__}: {exc}")
+                return 1
+        hadctl._state["warmup"] = warm
+        mains = [(s, self.layout.lock_file("main", s)) for s in range(spec["max_procs"], 0, -1)]
+        taken = flock.take_first_free(mains, self.pid)
+        if taken is not None:
+            self._rename_pid_file(self.layout.pid_file("main", taken[0]))
+            self.report(f"main {taken[0]} {self.pid}")
+            return self._run_main(taken[0], taken[1], function)
+        standbys = [(s, self.layout.lock_file("standby", s)) for s in range(spec["standby_max_procs"], 0, -1)]
+        standby = flock.take_first_free(standbys, self.pid)
+        if standby is None:
+            self.report(f"noslot {self.pid}")
+            return 0
+        standby_slot, standby_fd = standby
+        self._rename_pid_file(self.layout.pid_file("standby", standby_slot))
+        if self._stop_file_exists():  # a stop began between our first look and the slot
+            self.report(f"stopfile {self.pid}")
+            flock.release(standby_fd)
+            return 0
+        self.report(f"standby {standby_slot} {self.pid}")
+        self.log.trace(f"standby #{standby_slot} waiting for a main slot")
+        promoted = self._wait_for_main(mains)
+        if promoted is None:
+            flock.release(standby_fd)
+            return 0
+        slot, fd = promoted
+        self._rename_pid_file(self.layout.pid_file("main", slot))
+        flock.release(standby_fd)
+        if spec["respawn_standby"] and not self._stop_file_exists():
+            self._respawn_standby()
+        return self._run_main(slot, fd, function)
+
+    def _import(self, target: str, key: str):  # type: ignore[no-untyped-def]
+        """Import ``module:function``; on failure report ``import-error`` and return None."""
+        module_name, _, attribute = target.partition(":")
+        try:
+            __import__(module_name)
+            value = sys.modules[module_name]
+        except BaseException as exc:  # noqa: BLE001 - any failure of user code on import
+            import traceback
+
+            traceback.print_exc()
+            self.report(f"import-error {self.pid} {key} {target}: cannot import {module_name}: "
+                        f"{type(exc).__name__}: {exc}")
+            return None
+        for part in attribute.split("."):
+            if not hasattr(value, part):
+                self.report(f"import-error {self.pid} {key} {target}: {module_name} has no attribute {attribute!r}")
+                return None
+            value = getattr(value, part)
+        if not callable(value):
+            self.report(f"import-error {self.pid} {key} {target}: {attribute!r} is not callable")
+            return None
+        return value
+
+    def _rename_pid_file(self, new: str) -> None:
+        os.replace(self.pid_file, new)
+        self.pid_file = new
+
+    # ------------------------------------------------------------ waiting
+
+    def _catch_signals(self) -> None:
+        """TERM and INT make a standby leave cleanly; HUP is for mains only."""
+        os.set_blocking(self.wake_write, False)
+        signal.set_wakeup_fd(self.wake_write, warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self.leaving = signum
+
+    def _watch_stop_file(self) -> None:
+        from .watch import FolderWatch
+
+        try:
+            self.watch = FolderWatch(os.path.dirname(self.spec["standby_stop_file"]))
+        except OSError as exc:
+            self.log.warn(f"cannot watch {self.spec['standby_stop_file']} ({exc.strerror}); "
+                          f"checking it every {self.spec['interval']:g} s")
+
+    def _stop_file_exists(self) -> bool:
+        return os.path.lexists(self.spec["standby_stop_file"])
+
+    def _wait_for_main(self, mains: list[tuple[int, str]]) -> tuple[int, int] | None:
+        """Block until a main slot is ours (returns ``(slot, fd)``) or we must leave (None)."""
+        spec = self.spec
+        waiter = flock.SlotWaiter(mains, self.pid)
+        watched = [waiter.fd, self.wake_read] + ([self.watch.fd] if self.watch else [])
+        retries = spec["retries"]
+        polling = self.watch is None or retries is not None
+        timeout = spec["interval"] if polling else None
+        tries = 0
+        taken = None
+        try:
+            while taken is None:
+                readable, _, _ = select.select(watched, [], [], timeout)
+                if waiter.fd in readable:
+                    taken = waiter.taken()
+                    if taken is not None:
+                        break
+                if self.leaving is not None:
+                    self.log.trace(f"standby leaves on signal {self.leaving}")
+                    return None
+                if self.watch is not None and self.watch.fd in readable:
+                    self.watch.names()
+                if self._stop_file_exists():
+                    self.log.trace("standby leaves: standby stop file exists")
+                    return None
+                if not readable and retries is not None:
+                    tries += 1
+                    if tries > retries:
+                        self.log.info(f"standby gives up after {retries} tries for a main slot")
+                        return None
+            return taken
+        finally:
+            waiter.cancel(keep=taken[1] if taken else None)
+
+    # ------------------------------------------------------------ main
+
+    def _respawn_standby(self) -> None:
+        """Refill the standby pool at once, without delaying our own start."""
+        from .spawn import spawn_from_worker
+
+        try:
+            child = spawn_from_worker(self.spec)
+            self.log.trace(f"spawned replacement standby {child}")
+        except OSError as exc:
+            self.log.error(f"cannot spawn a replacement standby: {exc.strerror}")
+
+    def _run_main(self, slot: int, fd: int, function) -> int:  # type: ignore[no-untyped-def]
+        spec = self.spec
+        if self.watch is not None:
+            self.watch.close()
+        signal.set_wakeup_fd(-1)
+        for fd_ in (self.wake_read, self.wake_write):
+            os.close(fd_)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_DFL)
+        if self.leaving is not None:  # asked to leave while we were taking the slot
+            os.kill(self.pid, self.leaving)
+        if spec["process_name_change"]:
+            _set_title(self.name)
+        _redirect(spec["stdout_file"], 1)
+        _redirect(spec["stderr_file"], 2)
+        os.environ["HADC_lock_fd"] = str(fd)
+        if spec["reset_close_on_exec_main_lock_fd"]:
+            os.set_inheritable(fd, True)
+        else:
+            os.register_at_fork(after_in_child=lambda: _close_quietly(fd))
+        hadctl._state.update(slot=slot, lock_fd=fd, ready_file=self.layout.ready_file(slot))
+        self.log.info(f"main #{slot} running {spec['entrypoint']} (pid {self.pid})")
+        code: object = 0
+        try:
+            code = function(*spec["args"])
+        except SystemExit as exc:
+            code = exc.code
+        except BaseException:  # noqa: BLE001 - the service's own failure; goes to its stderr
+            import traceback
+
+            traceback.print_exc()
+            code = 1
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
+            paths.remove_if_ours(self.layout.ready_file(slot), self.pid)
+            paths.remove_if_ours(self.pid_file, self.pid)
+            flock.release(fd)
+        self.log.info(f"main #{slot} returned {code!r}")
+        if code is None:
+            return 0
+        if isinstance(code, int) and not isinstance(code, bool):
+            return code & 0xFF
+        print(code, file=sys.stderr)
+        return 1
+
+
+def _redirect(path: str, target: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    os.dup2(fd, target)
+    os.close(fd)
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _set_title(title: str) -> None:
+    try:
+        from setproctitle import setproctitle
+    except ImportError:
+        return
+    setproctitle(title)
