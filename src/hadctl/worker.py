@@ -16,16 +16,22 @@ plain dict, see ServiceConfig.worker_spec) read from a pipe. In order:
      function; on return remove the pid file and release the slot.
 
 Must stay small (the standby RSS budget is 10 MB): no dataclasses, typing,
-logging, json, click or rich here or in what it imports.
+logging, json, click or rich here or in what it imports; even ``signal`` and
+``threading`` (enum and friends, ~1 MB) give way to ``_signal`` and ``_thread``.
+
+How a standby waits with zero wake-ups: with one main slot it blocks in
+``flock(LOCK_EX)`` in its only thread; with several, ``flock.SlotWaiter``
+blocks on all of them. The stop file's folder is watched with dnotify
+(``F_NOTIFY``, a SIGIO on any name created or renamed there). TERM, INT and
+that SIGIO interrupt the wait: their handler raises ``_Wake`` while we wait.
 """
 from __future__ import annotations
 
+import _signal
+import fcntl
 import marshal
 import os
-import select
-import signal
 import sys
-import time
 
 import hadctl
 
@@ -34,6 +40,10 @@ from .locks import flock
 from .log import Log
 
 EX_NOTINSTALLED = 5
+
+
+class _Wake(Exception):
+    """Raised by our signal handler to break a blocking wait."""
 
 
 def main() -> None:
@@ -62,8 +72,9 @@ class Worker:
         self.name = spec["name"]
         self.pid_file = self.layout.unknown_pid_file(self.pid)
         self.leaving: int | None = None
-        self.wake_read, self.wake_write = os.pipe()
-        self.watch = None
+        self.folder_changed = False
+        self.waiting = False
+        self.watch_fd = -1
 
     # ------------------------------------------------------------ reporting
 
@@ -179,24 +190,35 @@ class Worker:
     # ------------------------------------------------------------ waiting
 
     def _catch_signals(self) -> None:
-        """TERM and INT make a standby leave cleanly; HUP is for mains only."""
-        os.set_blocking(self.wake_write, False)
-        signal.set_wakeup_fd(self.wake_write, warn_on_full_buffer=False)
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        """TERM and INT make a standby leave cleanly; SIGIO reports the stop
+        file's folder changed; HUP is for mains only."""
+        _signal.signal(_signal.SIGTERM, self._on_signal)
+        _signal.signal(_signal.SIGINT, self._on_signal)
+        _signal.signal(_signal.SIGIO, self._on_signal)
+        _signal.signal(_signal.SIGALRM, self._on_signal)
+        _signal.signal(_signal.SIGHUP, _signal.SIG_IGN)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
-        self.leaving = signum
+        if signum == _signal.SIGIO:
+            self.folder_changed = True
+        elif signum != _signal.SIGALRM:
+            self.leaving = signum
+        if self.waiting:
+            self.waiting = False
+            raise _Wake
 
     def _watch_stop_file(self) -> None:
-        from .watch import FolderWatch
-
+        """dnotify on the stop file's folder: a SIGIO whenever a name appears there."""
+        folder = os.path.dirname(self.spec["standby_stop_file"])
         try:
-            self.watch = FolderWatch(os.path.dirname(self.spec["standby_stop_file"]))
+            self.watch_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fcntl.fcntl(self.watch_fd, fcntl.F_NOTIFY, fcntl.DN_CREATE | fcntl.DN_RENAME | fcntl.DN_MULTISHOT)
         except OSError as exc:
-            self.log.warn(f"cannot watch {self.spec['standby_stop_file']} ({exc.strerror}); "
-                          f"checking it every {self.spec['interval']:g} s")
+            if self.watch_fd >= 0:
+                os.close(self.watch_fd)
+                self.watch_fd = -1
+            self.log.warn(f"cannot watch {folder} ({exc.strerror}); "
+                          f"checking the stop file every {self.spec['interval']:g} s")
 
     def _stop_file_exists(self) -> bool:
         return os.path.lexists(self.spec["standby_stop_file"])
@@ -204,36 +226,61 @@ class Worker:
     def _wait_for_main(self, mains: list[tuple[int, str]]) -> tuple[int, int] | None:
         """Block until a main slot is ours (returns ``(slot, fd)``) or we must leave (None)."""
         spec = self.spec
-        waiter = flock.SlotWaiter(mains, self.pid)
-        watched = [waiter.fd, self.wake_read] + ([self.watch.fd] if self.watch else [])
         retries = spec["retries"]
-        polling = self.watch is None or retries is not None
-        timeout = spec["interval"] if polling else None
-        tries = 0
+        ticking = self.watch_fd < 0 or retries is not None
+        if ticking:  # only then do we wake up on our own, every ``interval``
+            _signal.setitimer(_signal.ITIMER_REAL, spec["interval"], spec["interval"])
+        waiter = flock.SlotWaiter(mains) if len(mains) > 1 else None
+        single_fd = flock.open_lock_file(mains[0][1]) if waiter is None else -1
         taken = None
+        tries = 0
         try:
-            while taken is None:
-                readable, _, _ = select.select(watched, [], [], timeout)
-                if waiter.fd in readable:
-                    taken = waiter.taken()
-                    if taken is not None:
-                        break
+            while True:
                 if self.leaving is not None:
                     self.log.trace(f"standby leaves on signal {self.leaving}")
                     return None
-                if self.watch is not None and self.watch.fd in readable:
-                    self.watch.names()
+                self.folder_changed = False
                 if self._stop_file_exists():
                     self.log.trace("standby leaves: standby stop file exists")
                     return None
-                if not readable and retries is not None:
+                try:
+                    taken = self._block(waiter, mains[0][0], single_fd)
+                except _Wake:
+                    taken = None
+                if taken is not None:
+                    return taken
+                if retries is not None and self.leaving is None and not self.folder_changed:
                     tries += 1
                     if tries > retries:
                         self.log.info(f"standby gives up after {retries} tries for a main slot")
                         return None
-            return taken
         finally:
-            waiter.cancel(keep=taken[1] if taken else None)
+            if ticking:
+                _signal.setitimer(_signal.ITIMER_REAL, 0)
+            if waiter is not None:
+                waiter.cancel(keep=taken[1] if taken else None)
+            elif taken is None:
+                os.close(single_fd)
+
+    def _block(self, waiter: "flock.SlotWaiter | None", slot: int, fd: int) -> tuple[int, int] | None:
+        """One blocking wait; a signal handler breaks it by raising _Wake."""
+        self.waiting = True
+        if self.leaving is not None or self.folder_changed:
+            self.waiting = False
+            return None
+        if waiter is None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self.waiting = False
+            flock.note_holder(fd, self.pid)
+            return slot, fd
+        import select
+
+        select.select([waiter.fd], [], [])
+        self.waiting = False
+        taken = waiter.taken()
+        if taken is not None:
+            flock.note_holder(taken[1], self.pid)
+        return taken
 
     # ------------------------------------------------------------ main
 
@@ -249,13 +296,11 @@ class Worker:
 
     def _run_main(self, slot: int, fd: int, function) -> int:  # type: ignore[no-untyped-def]
         spec = self.spec
-        if self.watch is not None:
-            self.watch.close()
-        signal.set_wakeup_fd(-1)
-        for fd_ in (self.wake_read, self.wake_write):
-            os.close(fd_)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, signal.SIG_DFL)
+        if self.watch_fd >= 0:
+            os.close(self.watch_fd)  # ends the dnotify watch
+            self.watch_fd = -1
+        for signum in (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP, _signal.SIGIO, _signal.SIGALRM):
+            _signal.signal(signum, _signal.SIG_DFL)
         if self.leaving is not None:  # asked to leave while we were taking the slot
             os.kill(self.pid, self.leaving)
         if spec["process_name_change"]:

@@ -1,10 +1,11 @@
 """Slots as exclusive ``flock`` locks on ``<folder>/<slot>.lock`` (HADaemon::Control's layout).
 
 Taking a slot: open the lock file, ``flock(LOCK_EX|LOCK_NB)``, write our pid into it.
-Waiting for a slot: one thread per slot blocks in ``flock(LOCK_EX)``, so the
-kernel wakes us the moment a holder exits; no polling. The calls go through
-ctypes rather than ``fcntl.flock`` because fcntl.flock retries on EINTR in a
-thread, and we must be able to cancel the other waits once one slot is ours.
+Waiting for a slot: a blocking ``flock(LOCK_EX)``, so the kernel wakes us the
+moment a holder exits; no polling. With several slots, one thread per slot
+(``SlotWaiter``); those calls go through ctypes rather than ``fcntl.flock``
+because fcntl.flock retries on EINTR in a thread, and the other waits must be
+cancelled once one slot is ours.
 
 Finding a holder without disturbing it: a hinted pid is confirmed through
 ``/proc/PID/fdinfo`` (which lists the flock held through each fd); only when no
@@ -14,15 +15,15 @@ Imports nothing from hadctl beyond the standard library; the worker uses it.
 """
 from __future__ import annotations
 
-import ctypes
+import _signal
+import _thread
 import errno
 import fcntl
 import os
-import signal
-import threading
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_CANCEL_SIGNAL = signal.SIGUSR2
+# _signal and _thread rather than signal and threading: the worker imports this
+# module, and those two pull in enum and friends (about 1 MB of a standby's RSS).
+_CANCEL_SIGNAL = _signal.SIGUSR2
 
 
 def open_lock_file(path: str) -> int:
@@ -74,38 +75,46 @@ def release(fd: int) -> None:
 class SlotWaiter:
     """Blocks in the kernel on several slots at once; the first one taken wins.
 
-    ``fd`` becomes readable when a slot was taken; ``taken()`` then returns
-    ``(slot, fd)``. ``cancel()`` ends every other wait, so that no thread is
-    left when user code runs and no second slot is ever kept.
+    One thread per slot blocks in ``flock(LOCK_EX)`` (through ctypes, so that a
+    signal can interrupt it); ``fd`` becomes readable when a slot was taken and
+    ``taken()`` returns ``(slot, fd)``. ``cancel()`` ends every other wait, so
+    no thread is left when user code runs and no second slot is ever kept.
+    With a single main slot the worker blocks in its own thread instead.
     """
 
-    def __init__(self, slots: list[tuple[int, str]], pid: int) -> None:
-        self._pid = pid
+    def __init__(self, slots: list[tuple[int, str]]) -> None:
+        import ctypes
+
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._get_errno = ctypes.get_errno
         self._read, self._write = os.pipe()
         os.set_blocking(self._read, False)
         self._cancelled = False
-        self._previous_handler = signal.signal(_CANCEL_SIGNAL, _ignore)
-        self._waits: list[tuple[threading.Thread, int, int]] = []
+        self._previous_handler = _signal.signal(_CANCEL_SIGNAL, _ignore)
+        self._waits: list[tuple[int, int, object]] = []  # slot, fd, "done" lock
+        self._idents: list[int] = []
         for slot, path in slots:
-            fd = open_lock_file(path)
-            thread = threading.Thread(target=self._wait_one, args=(slot, fd), daemon=True,
-                                      name=f"hadctl-wait-{slot}")
-            self._waits.append((thread, slot, fd))
-        for thread, _slot, _fd in self._waits:
-            thread.start()
+            done = _thread.allocate_lock()
+            done.acquire()
+            self._waits.append((slot, open_lock_file(path), done))
+        for slot, fd, done in self._waits:
+            self._idents.append(_thread.start_new_thread(self._wait_one, (slot, fd, done)))
 
     @property
     def fd(self) -> int:
         return self._read
 
-    def _wait_one(self, slot: int, fd: int) -> None:
-        while not self._cancelled:
-            if _libc.flock(fd, fcntl.LOCK_EX) == 0:
-                os.write(self._write, f"{slot}\n".encode())
-                return
-            if ctypes.get_errno() != errno.EINTR:
-                os.write(self._write, b"0\n")
-                return
+    def _wait_one(self, slot: int, fd: int, done: "_thread.LockType") -> None:
+        try:
+            while not self._cancelled:
+                if self._libc.flock(fd, fcntl.LOCK_EX) == 0:
+                    os.write(self._write, f"{slot}\n".encode())
+                    return
+                if self._get_errno() != errno.EINTR:
+                    os.write(self._write, b"0\n")
+                    return
+        finally:
+            done.release()
 
     def taken(self) -> tuple[int, int] | None:
         """The first slot taken as ``(slot, fd)``, or None (nothing yet, or an error)."""
@@ -114,24 +123,22 @@ class SlotWaiter:
         except BlockingIOError:
             return None
         for word in data.split():
-            slot = int(word)
-            for _thread, waited_slot, fd in self._waits:
-                if waited_slot == slot:
+            for slot, fd, _done in self._waits:
+                if slot == int(word):
                     return slot, fd
         return None
 
     def cancel(self, keep: int | None = None) -> None:
         """Stop every wait; release any slot taken except the fd ``keep``."""
         self._cancelled = True
-        for thread, _slot, _fd in self._waits:
-            while thread.is_alive():
+        for (_slot, _fd, done), ident in zip(self._waits, self._idents):
+            while not done.acquire(timeout=0.002):  # type: ignore[attr-defined]
                 try:
-                    signal.pthread_kill(thread.ident or 0, _CANCEL_SIGNAL)
+                    _signal.pthread_kill(ident, _CANCEL_SIGNAL)
                 except ProcessLookupError:
                     break
-                thread.join(0.002)
-        signal.signal(_CANCEL_SIGNAL, self._previous_handler)
-        for _thread, _slot, fd in self._waits:
+        _signal.signal(_CANCEL_SIGNAL, self._previous_handler)
+        for _slot, fd, _done in self._waits:
             if fd == keep:
                 continue
             try:
@@ -265,15 +272,15 @@ def take_control(path: str, timeout: float) -> int | None:
         return fd
     except BlockingIOError:
         pass
-    previous = signal.signal(signal.SIGALRM, _alarm)
+    previous = _signal.signal(_signal.SIGALRM, _alarm)
     try:
-        signal.setitimer(signal.ITIMER_REAL, max(timeout, 0.001))
+        _signal.setitimer(_signal.ITIMER_REAL, max(timeout, 0.001))
         fcntl.flock(fd, fcntl.LOCK_EX)
         return fd
     except _TimedOut:
         os.close(fd)
         return None
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        _signal.setitimer(_signal.ITIMER_REAL, 0)
+        _signal.signal(_signal.SIGALRM, previous)
 

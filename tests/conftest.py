@@ -1,0 +1,179 @@
+"""Fixtures for real-process tests.
+
+Every process a test starts carries HADCTL_TEST_ID=<uuid> in its environment;
+at teardown ``no_leftovers`` finds any survivor by that marker (double-forked
+processes are not our children), kills it, and fails the test naming it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+HADCTL = [sys.executable, "-m", "hadctl"]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition",
+               interval: float = 0.005) -> Any:
+    """Poll ``predicate`` until truthy; on timeout fail with the last value seen."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        last = predicate()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}; last saw {last!r}")
+        time.sleep(interval)  # the poll step of wait_until, never a synchronisation by itself
+
+
+def _marked_processes(marker: str) -> list[int]:
+    found = []
+    needle = f"HADCTL_TEST_ID={marker}".encode()
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as handle:
+                if needle not in handle.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{name}/stat", "rb") as handle:
+                state = handle.read().rsplit(b")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state not in (b"Z", b"X"):
+            found.append(int(name))
+    return found
+
+
+def _describe(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            command = handle.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            return f"{pid} {command[:100]}"
+    except OSError:
+        return str(pid)
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers(monkeypatch: pytest.MonkeyPatch) -> Any:
+    marker = uuid.uuid4().hex
+    monkeypatch.setenv("HADCTL_TEST_ID", marker)
+    monkeypatch.setenv("HADC_NO_COLORS", "1")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), str(ROOT / "src")]))
+    yield marker
+    survivors = _marked_processes(marker)
+    if survivors:
+        names = [_describe(p) for p in survivors]
+        for pid in survivors:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        wait_until(lambda: not _marked_processes(marker), 10, "killed leftovers to exit")
+        pytest.fail(f"processes left behind: {names}")
+
+
+class Service:
+    """A service whose every path lies under one temporary folder."""
+
+    def __init__(self, folder: Path, **settings: Any) -> None:
+        self.folder = folder
+        self.pid_dir = folder / "run"
+        self.log_file = folder / "hadctl.log"
+        self.ledger = folder / "ledger"
+        self.config = folder / "svc.toml"
+        self.settings: dict[str, Any] = {}
+        self.write(**settings)
+
+    def write(self, **settings: Any) -> None:
+        base: dict[str, Any] = {
+            "name": "svc",
+            "entrypoint": "tests.services.basic:serve",
+            "python_path": [str(ROOT)],
+            "pid_dir": str(self.pid_dir),
+            "log_file": str(self.log_file),
+            "kill_timeout": 2,
+            "env": {"LEDGER": str(self.ledger)},
+        }
+        locks = settings.pop("locks", {})
+        base.update(settings)
+        self.settings = {**base, "locks": locks}
+        text = _toml(base)
+        if locks:
+            text += "\n[locks]\n" + _toml(locks)
+        self.config.write_text(text)
+
+    def run(self, *args: str, timeout: float = 60, check: bool | int = False) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([*HADCTL, "-c", str(self.config), *args], capture_output=True, text=True,
+                                timeout=timeout)
+        if check is not False:
+            expected = 0 if check is True else check
+            assert result.returncode == expected, (
+                f"hadctl {' '.join(args)} exited {result.returncode}, expected {expected}\n"
+                f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+        return result
+
+    def status(self) -> dict[str, Any]:
+        result = self.run("status", "--json")
+        return json.loads(result.stdout)
+
+    def holders(self, role: str) -> list[int]:
+        return [s["pid"] for s in self.status()["slots"] if s["role"] == role and s["running"]]
+
+    def pid_of(self, role: str, slot: int = 1) -> int:
+        return int((self.pid_dir / f"{role}-{slot}.pid").read_text())
+
+    def ledger_lines(self) -> list[list[str]]:
+        if not self.ledger.exists():
+            return []
+        return [line.split() for line in self.ledger.read_text().splitlines()]
+
+    def stop(self) -> None:
+        if self.pid_dir.exists():
+            self.run("stop")
+
+
+def _toml(table: dict[str, Any]) -> str:
+    lines = []
+    for key, value in table.items():
+        if isinstance(value, dict):
+            inner = ", ".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in value.items())
+            lines.append(f"{key} = {{ {inner} }}")
+        else:
+            lines.append(f"{key} = {json.dumps(value)}")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Any:
+    """A factory: ``service(**settings)`` writes a config under tmp_path; stopped at teardown."""
+    made: list[Service] = []
+
+    def make(**settings: Any) -> Service:
+        folder = tmp_path / f"s{len(made)}"
+        folder.mkdir()
+        svc = Service(folder, **settings)
+        made.append(svc)
+        return svc
+
+    yield make
+    for svc in made:
+        svc.stop()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except OSError:
+        return False

@@ -1,0 +1,1 @@
+"""Tiny services the tests run under hadctl."""

@@ -1,0 +1,2 @@
+"""A module that fails on import."""
+raise ImportError("this module is broken on purpose")

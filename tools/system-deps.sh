@@ -1,0 +1,21 @@
+#!/bin/sh
+# Install the system programs hadctl's tests run for real, when they are missing:
+# shellcheck (init script), systemd-analyze (units), groff (man page), ZooKeeper.
+# Fails loudly: a test must never be skipped because one of these is absent.
+set -eu
+missing=""
+command -v shellcheck >/dev/null 2>&1 || missing="$missing shellcheck"
+command -v systemd-analyze >/dev/null 2>&1 || missing="$missing systemd"
+command -v groff >/dev/null 2>&1 || missing="$missing groff"
+[ -x /usr/share/zookeeper/bin/zkServer.sh ] || missing="$missing zookeeper"
+command -v java >/dev/null 2>&1 || missing="$missing default-jre-headless"
+[ -z "$missing" ] && exit 0
+if [ "$(id -u)" != 0 ]; then
+    echo "system-deps: missing:$missing; install them as root (apt-get install$missing)" >&2
+    exit 1
+fi
+echo "system-deps: installing$missing"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+# shellcheck disable=SC2086
+apt-get install -y -qq --no-install-recommends $missing >/dev/null
