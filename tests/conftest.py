@@ -106,6 +106,7 @@ class Service:
             "env": {"LEDGER": str(self.ledger)},
         }
         locks = settings.pop("locks", {})
+        base["env"] = {**base["env"], **settings.pop("env", {})}  # LEDGER stays unless overridden
         base.update(settings)
         self.settings = {**base, "locks": locks}
         text = _toml(base)

@@ -134,6 +134,7 @@ def _fill(svc: Service, reports: list[SlotReport]) -> int:
     free = [r for r in reports if not r.running]
     if not free:
         return 0
+    _cut_back_off(svc)
     status = 0
     failures: set[str] = set()
     for report in _spawn(svc, len(free)):
@@ -153,6 +154,21 @@ def _fill(svc: Service, reports: list[SlotReport]) -> int:
                 svc.say(f"cannot start: {report.message}", "Failed", ok=False)
                 status = status or 1
     return status
+
+
+def _cut_back_off(svc: Service) -> None:
+    """A person (or cron) asked for processes: end a crash-loop back-off wait."""
+    import signal
+
+    found = read_pid_file(svc.layout.backoff_file)
+    if found is None or found.pid is None or not probe.is_worker(found.pid, svc.cfg.name):
+        return
+    target = probe.open_target(found.pid)
+    if target is not None:
+        target.signal(signal.SIGTERM, group=False)
+        target.exited(svc.cfg.signal_timeout)
+        target.close()
+        svc.say(f"crash-loop back-off of pid {found.pid} cut short", "OK")
 
 
 def _touch(path: str) -> None:
@@ -227,6 +243,26 @@ def _still_alive(targets: list[probe.Target], deadline: float, group: bool) -> l
                 if probe.wait_for_group(target.pgid, deadline):
                     alive.append(target)
     return alive
+
+
+def _end_strays(svc: Service, grace: float | None = None) -> None:
+    """Workers that hold no slot yet (starting, or in crash-loop back-off) leave by
+    themselves once the stop file exists; wait for that, then TERM and KILL."""
+    pids = probe.strays(svc.layout, svc.cfg.name)
+    if not pids:
+        return
+    targets = [t for t in (probe.open_target(p) for p in pids) if t is not None]
+    deadline = time.monotonic() + (svc.cfg.signal_timeout if grace is None else grace)
+    left = _still_alive(targets, deadline, group=False)
+    for name in ("TERM", "KILL"):
+        for target in left:
+            target.signal(int(getattr(__import__("signal").Signals, "SIG" + name)), group=False)
+        left = _still_alive(left, time.monotonic() + svc.cfg.signal_timeout, group=False)
+    for target in targets:
+        svc.log.trace(f"starting or backed-off worker {target.pid} ended")
+        target.close()
+    for target in left:
+        svc.say(f"worker {target.pid} (holding no slot) survived TERM and KILL", "Failed", ok=False)
 
 
 def _stop_standbys(svc: Service, reports: list[SlotReport], quiet_lines: bool = False) -> list[SlotReport]:
@@ -308,6 +344,7 @@ def _stop_locked(svc: Service) -> Outcome:
         for report, _t in targets:
             if report not in survivors:
                 svc.say(f"main #{report.slot} (pid {report.pid})", "Stopped")
+    _end_strays(svc)
     reports, stale = svc.slots()
     _clean_stale(svc, stale)
     for slot in range(1, cfg.locks.max_procs + 1):
@@ -406,11 +443,13 @@ def _wait_for_new_holder(svc: Service, watch: "object", report: SlotReport, dead
     lock_file = svc.layout.lock_file("main", report.slot)
     pid_file = svc.layout.pid_file("main", report.slot)
     while True:
+        # The new main renames its pid file just before it calls the function:
+        # wait for that, not merely for the lock (held a little earlier).
         found = read_pid_file(pid_file)
-        hints = [found.pid] if found is not None else []
-        holder = flock.HolderProbe().holder(lock_file, hints)
-        if holder is not None and holder != report.pid:
-            return holder
+        if found is not None and found.pid not in (None, report.pid):
+            holder = flock.HolderProbe().holder(lock_file, [found.pid])
+            if holder == found.pid:
+                return holder
         left = deadline - time.monotonic()
         if left <= 0:
             return None
@@ -451,6 +490,8 @@ def reload(cfg: ServiceConfig) -> Outcome:
     import signal
 
     svc = Service(cfg)
+    if not os.path.isdir(cfg.pid_dir):
+        raise NotRunningError(f"{cfg.name}: no main is running, nothing to reload")
     with _control(svc):
         reports, _stale = svc.slots()
         targets = _targets(reports, Role.MAIN)
@@ -516,7 +557,22 @@ def status(cfg: ServiceConfig) -> Outcome:
             svc.steps.append(Step(f"{report.label} (pid {report.pid}){stale}", "Running", True))
         else:
             svc.steps.append(Step(f"{report.label}{stale}", "Not Running", False))
-    return svc.outcome("status", status_code(reports), reports)
+    detail: dict[str, object] = {}
+    found = read_pid_file(svc.layout.backoff_file)
+    if found is not None and found.pid is not None and probe.is_worker(found.pid, cfg.name):
+        delay = _second_line(svc.layout.backoff_file)
+        svc.steps.append(Step(f"crash loop: standby pid {found.pid} is backing off {delay} s", "Back-off", False))
+        detail["backoff"] = {"pid": found.pid, "delay": float(delay) if delay else None}
+    return svc.outcome("status", status_code(reports), reports, **detail)
+
+
+def _second_line(path: str) -> str:
+    try:
+        with open(path) as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return ""
+    return lines[1].strip() if len(lines) > 1 else ""
 
 
 def status_code(reports: list[SlotReport]) -> int:

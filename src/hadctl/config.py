@@ -150,6 +150,7 @@ class ServiceConfig:
             "umask": self.umask,
             "directory": self.directory,
             "env": dict(self.env),
+            "manual": True,  # spawned by a person or cron: no crash-loop back-off
         }
 
 

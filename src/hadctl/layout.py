@@ -52,6 +52,11 @@ class Layout:
     def starts_file(self) -> str:
         return os.path.join(self.pid_dir, "hadctl-starts")
 
+    @property
+    def backoff_file(self) -> str:
+        """Names the process waiting out a crash-loop back-off: ``PID`` then the delay."""
+        return os.path.join(self.pid_dir, "hadctl-backoff.pid")
+
 
 class PidFile:
     """What a pid file holds: ``pid`` when it names a plausible pid, else ``problem``."""
@@ -98,12 +103,12 @@ def read_pid_file(path: str) -> PidFile | None:
     return PidFile(path, pid, None)
 
 
-def write_pid_file(path: str, pid: int) -> None:
-    """Write ``pid`` to ``path`` atomically (write a temporary file, then rename)."""
+def write_pid_file(path: str, pid: int, extra: str = "") -> None:
+    """Write ``pid`` (and an optional second line) to ``path`` atomically: write, then rename."""
     temporary = f"{path}.{pid}.tmp"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
-        os.write(fd, f"{pid}\n".encode())
+        os.write(fd, f"{pid}\n{extra}".encode() + (b"\n" if extra else b""))
     finally:
         os.close(fd)
     os.replace(temporary, path)

@@ -76,6 +76,43 @@ def unknown_pid_files(layout: Layout) -> list[Stale]:
     return found
 
 
+def strays(layout: Layout, name: str) -> list[int]:
+    """Live hadctl workers of this service that hold no slot: starting
+    (``unknown-PID.pid``) or waiting out a crash-loop back-off."""
+    found = []
+    paths = [os.path.join(layout.pid_dir, n) for n in _listdir(layout.pid_dir) if n.startswith("unknown-")]
+    for path in paths + [layout.backoff_file]:
+        pid_file = read_pid_file(path)
+        if pid_file is not None and pid_file.pid is not None and is_worker(pid_file.pid, name):
+            found.append(pid_file.pid)
+    return found
+
+
+def is_worker(pid: int, name: str) -> bool:
+    """True when ``pid`` is a live hadctl worker: our interpreter, running hadctl's
+    worker (or titled after the service by process_name_change)."""
+    if not is_alive(pid):
+        return False
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe")
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            cmdline = handle.read()
+    except OSError:
+        return False
+    import sys
+
+    if exe != os.path.realpath(sys.executable):
+        return False
+    return b"hadctl.worker" in cmdline or cmdline.startswith(name.encode())
+
+
+def _listdir(folder: str) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except OSError:
+        return []
+
+
 # ------------------------------------------------------------ processes
 
 

@@ -32,9 +32,11 @@ import fcntl
 import marshal
 import os
 import sys
+import time
 
 import hadctl
 
+from . import backoff
 from . import layout as paths
 from .locks import flock
 from .log import Log
@@ -130,12 +132,16 @@ class Worker:
                 self.report(f"error {self.pid} warmup {spec['warmup']} failed: {type(exc).__name__}: {exc}")
                 return 1
         hadctl._state["warmup"] = warm
+        if self._stop_file_exists():  # a stop began while we were importing
+            self.report(f"stopfile {self.pid}")
+            return 0
+        if not spec.get("manual", False) and not self._back_off():
+            return 0
         mains = [(s, self.layout.lock_file("main", s)) for s in range(spec["max_procs"], 0, -1)]
         taken = flock.take_first_free(mains, self.pid)
         if taken is not None:
-            self._rename_pid_file(self.layout.pid_file("main", taken[0]))
-            self.report(f"main {taken[0]} {self.pid}")
-            return self._run_main(taken[0], taken[1], function)
+            self.report_fd, report_fd = -1, self.report_fd  # report once the pid file is renamed
+            return self._run_main(taken[0], taken[1], function, report_fd=report_fd)
         standbys = [(s, self.layout.lock_file("standby", s)) for s in range(spec["standby_max_procs"], 0, -1)]
         standby = flock.take_first_free(standbys, self.pid)
         if standby is None:
@@ -153,12 +159,7 @@ class Worker:
         if promoted is None:
             flock.release(standby_fd)
             return 0
-        slot, fd = promoted
-        self._rename_pid_file(self.layout.pid_file("main", slot))
-        flock.release(standby_fd)
-        if spec["respawn_standby"] and not self._stop_file_exists():
-            self._respawn_standby()
-        return self._run_main(slot, fd, function)
+        return self._run_main(promoted[0], promoted[1], function, standby_fd)
 
     def _import(self, target: str, key: str):  # type: ignore[no-untyped-def]
         """Import ``module:function``; on failure report ``import-error`` and return None."""
@@ -182,6 +183,39 @@ class Worker:
             self.report(f"import-error {self.pid} {key} {target}: {attribute!r} is not callable")
             return None
         return value
+
+    def _back_off(self) -> bool:
+        """Wait out the crash-loop back-off, if any; False when we must leave instead."""
+        spec = self.spec
+        wait, run = backoff.delay(backoff.read_starts(self.layout.starts_file), spec["start_limit_burst"],
+                                  spec["start_limit_interval"], spec["restart_backoff_max"])
+        if wait <= 0:
+            return True
+        self.log.warn(f"crash loop: {run} promotions within {spec['start_limit_interval']:g} s of each other; "
+                      f"this standby waits {wait:g} s before taking a slot")
+        until = time.monotonic() + wait
+        paths.write_pid_file(self.layout.backoff_file, self.pid, extra=f"{wait:.3f}")
+        try:
+            while True:
+                left = until - time.monotonic()
+                if self.leaving is not None or self._stop_file_exists():
+                    self.report(f"stopfile {self.pid}")
+                    return False
+                if left <= 0:
+                    return True
+                _signal.setitimer(_signal.ITIMER_REAL, left)
+                try:
+                    self.waiting = True
+                    if self.leaving is None and not self.folder_changed:
+                        _signal.pause()
+                except _Wake:
+                    pass
+                finally:
+                    self.waiting = False
+                    self.folder_changed = False
+        finally:
+            _signal.setitimer(_signal.ITIMER_REAL, 0)
+            paths.remove_if_ours(self.layout.backoff_file, self.pid)
 
     def _rename_pid_file(self, new: str) -> None:
         os.replace(self.pid_file, new)
@@ -289,13 +323,22 @@ class Worker:
         from .spawn import spawn_from_worker
 
         try:
-            child = spawn_from_worker(self.spec)
+            child = spawn_from_worker({**self.spec, "manual": False})
             self.log.trace(f"spawned replacement standby {child}")
         except OSError as exc:
             self.log.error(f"cannot spawn a replacement standby: {exc.strerror}")
 
-    def _run_main(self, slot: int, fd: int, function) -> int:  # type: ignore[no-untyped-def]
+    def _run_main(self, slot: int, fd: int, function, standby_fd: int = -1,  # type: ignore[no-untyped-def]
+                  report_fd: int = -1) -> int:
+        """Become main of ``slot`` (lock held through ``fd``) and run the function.
+
+        Everything is prepared first; the pid file is renamed to main-SLOT.pid
+        only just before the call, so a restart that waits for that rename
+        knows the new main is (about to be) inside the function. A promoted
+        standby spawns its replacement, then gives up its standby slot.
+        """
         spec = self.spec
+        backoff.record_start(self.layout.starts_file)
         if self.watch_fd >= 0:
             os.close(self.watch_fd)  # ends the dnotify watch
             self.watch_fd = -1
@@ -314,6 +357,14 @@ class Worker:
             os.register_at_fork(after_in_child=lambda: _close_quietly(fd))
         hadctl._state.update(slot=slot, lock_fd=fd, ready_file=self.layout.ready_file(slot))
         self.log.info(f"main #{slot} running {spec['entrypoint']} (pid {self.pid})")
+        if standby_fd >= 0 and spec["respawn_standby"] and not self._stop_file_exists():
+            self._respawn_standby()
+        self._rename_pid_file(self.layout.pid_file("main", slot))
+        if standby_fd >= 0:
+            flock.release(standby_fd)
+        if report_fd >= 0:
+            self.report_fd = report_fd
+            self.report(f"main {slot} {self.pid}")
         code: object = 0
         try:
             code = function(*spec["args"])

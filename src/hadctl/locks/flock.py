@@ -132,10 +132,12 @@ class SlotWaiter:
         """Stop every wait; release any slot taken except the fd ``keep``."""
         self._cancelled = True
         for (_slot, _fd, done), ident in zip(self._waits, self._idents):
-            while not done.acquire(timeout=0.002):  # type: ignore[attr-defined]
+            while not done.acquire(blocking=False):
                 try:
                     _signal.pthread_kill(ident, _CANCEL_SIGNAL)
                 except ProcessLookupError:
+                    break
+                if done.acquire(timeout=0.001):  # type: ignore[call-arg]
                     break
         _signal.signal(_CANCEL_SIGNAL, self._previous_handler)
         for _slot, fd, _done in self._waits:
