@@ -117,7 +117,7 @@ def test_runs_as_configured_user_with_umask_directory_env_and_titles(service, mo
                       directory=str(workdir), process_name_change=True, python_path=[str(shared / "code")],
                       pid_dir=str(shared / "run"), log_file=str(shared / "hadctl.log"),
                       stdout_file=str(shared / "out.log"), stderr_file=str(shared / "err.log"),
-                      env={"EXTRA": "yes", "REPORT": str(report)})
+                      env={"EXTRA": "yes", "REPORT": str(report), "LEDGER": str(shared / "ledger")})
         svc.pid_dir = shared / "run"
         svc.run("start", check=True)
         wait_until(report.exists, 10, "the report file")

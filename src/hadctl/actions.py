@@ -137,11 +137,15 @@ def _fill(svc: Service, reports: list[SlotReport]) -> int:
     _cut_back_off(svc)
     status = 0
     failures: set[str] = set()
+    started: set[tuple[str, int | None]] = set()
+    others = False
     for report in _spawn(svc, len(free)):
         if report.kind in ("main", "standby"):
             svc.say(f"{report.kind} #{report.slot} started (pid {report.pid})", "Started")
+            started.add((report.kind, report.slot))
         elif report.kind == "noslot":
             svc.log.trace(f"spawned process {report.pid} found every slot taken")
+            others = True
         elif report.message not in failures:
             failures.add(report.message)
             if report.kind == "import-error":
@@ -153,6 +157,12 @@ def _fill(svc: Service, reports: list[SlotReport]) -> int:
             else:
                 svc.say(f"cannot start: {report.message}", "Failed", ok=False)
                 status = status or 1
+    if others:  # a slot was filled by another process meanwhile (a promoted main's replacement standby)
+        before = {(r.role.value, r.slot) for r in reports if r.running}
+        for now in svc.slots()[0]:
+            key = (now.role.value, now.slot)
+            if now.running and key not in before and key not in started:
+                svc.say(f"{now.label} started (pid {now.pid})", "Started")
     return status
 
 
@@ -352,6 +362,8 @@ def _stop_locked(svc: Service) -> Outcome:
     running = [r for r in reports if r.running]
     for report in running:
         svc.say(f"{report.label} (pid {report.pid}) still holds its slot", "Failed", ok=False)
+    if not running:
+        _remove(svc.layout.starts_file)  # a clean stop ends any crash-loop history
     if not stopped_any:
         svc.say("Not Running", "OK")
     return svc.outcome("stop", 1 if running else 0, reports)

@@ -23,23 +23,29 @@ import time
 KEEP = 64  # entries kept; a run longer than this is as bad as it gets anyway
 
 
-def record_start(path: str) -> None:
-    """Append now to the record (trimming it to the newest KEEP entries)."""
+def record_start(path: str) -> list[float]:
+    """Append now to the record (trimming it to the newest KEEP entries).
+
+    Returns the earlier entries, so the caller can tell whether it replaces
+    a main that started (and so died) only moments ago.
+    """
     now = time.monotonic()
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError:
-        return  # no record, no protection; never stop a main from running
+        return []  # no record, no protection; never stop a main from running
+    times: list[float] = []
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        times = _parse(os.pread(fd, 8192, 0)) + [now]
-        data = "".join(f"{t:.6f}\n" for t in times[-KEEP:]).encode()
+        times = _parse(os.pread(fd, 8192, 0))
+        data = "".join(f"{t:.6f}\n" for t in (times + [now])[-KEEP:]).encode()
         os.ftruncate(fd, 0)
         os.pwrite(fd, data, 0)
     except OSError:
         pass
     finally:
         os.close(fd)
+    return times
 
 
 def read_starts(path: str) -> list[float]:

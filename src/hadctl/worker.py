@@ -338,7 +338,7 @@ class Worker:
         standby spawns its replacement, then gives up its standby slot.
         """
         spec = self.spec
-        backoff.record_start(self.layout.starts_file)
+        earlier = backoff.record_start(self.layout.starts_file)
         if self.watch_fd >= 0:
             os.close(self.watch_fd)  # ends the dnotify watch
             self.watch_fd = -1
@@ -357,7 +357,11 @@ class Worker:
             os.register_at_fork(after_in_child=lambda: _close_quietly(fd))
         hadctl._state.update(slot=slot, lock_fd=fd, ready_file=self.layout.ready_file(slot))
         self.log.info(f"main #{slot} running {spec['entrypoint']} (pid {self.pid})")
-        if standby_fd >= 0 and spec["respawn_standby"] and not self._stop_file_exists():
+        # A standby becoming main leaves a gap in the pool; so does any process that
+        # finds the main slot free because a main died moments ago (a crash loop).
+        replacing = standby_fd >= 0 or not spec.get("manual", False) or \
+            (bool(earlier) and time.monotonic() - earlier[-1] < spec["start_limit_interval"])
+        if replacing and spec["respawn_standby"] and not self._stop_file_exists():
             self._respawn_standby()
         self._rename_pid_file(self.layout.pid_file("main", slot))
         if standby_fd >= 0:

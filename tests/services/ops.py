@@ -20,7 +20,7 @@ def upgrade_aware() -> int:
 
 
 def crash_then_serve() -> int:
-    """Crashes at once the first $CRASHES times (counted in $COUNTER), then serves."""
+    """Serves, except that starts number $CRASH_FROM to $CRASH_TO (counted in $COUNTER) crash at once."""
     path = os.environ["COUNTER"]
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     import fcntl
@@ -31,7 +31,7 @@ def crash_then_serve() -> int:
     os.ftruncate(fd, 0)
     os.write(fd, str(count).encode())
     os.close(fd)
-    if count <= int(os.environ["CRASHES"]):
+    if int(os.environ["CRASH_FROM"]) <= count <= int(os.environ["CRASH_TO"]):
         _ledger("enter")
         raise SystemExit(1)
     return serve()
