@@ -91,7 +91,7 @@ class SlotWaiter:
         os.set_blocking(self._read, False)
         self._cancelled = False
         self._previous_handler = _signal.signal(_CANCEL_SIGNAL, _ignore)
-        self._waits: list[tuple[int, int, object]] = []  # slot, fd, "done" lock
+        self._waits: list[tuple[int, int, _thread.LockType]] = []  # slot, fd, "done" lock
         self._idents: list[int] = []
         for slot, path in slots:
             done = _thread.allocate_lock()
@@ -104,7 +104,7 @@ class SlotWaiter:
     def fd(self) -> int:
         return self._read
 
-    def _wait_one(self, slot: int, fd: int, done: "_thread.LockType") -> None:
+    def _wait_one(self, slot: int, fd: int, done: _thread.LockType) -> None:
         try:
             while not self._cancelled:
                 if self._libc.flock(fd, fcntl.LOCK_EX) == 0:
@@ -137,7 +137,7 @@ class SlotWaiter:
                     _signal.pthread_kill(ident, _CANCEL_SIGNAL)
                 except ProcessLookupError:
                     break
-                if done.acquire(timeout=0.001):  # type: ignore[call-arg]
+                if done.acquire(timeout=0.001):
                     break
         _signal.signal(_CANCEL_SIGNAL, self._previous_handler)
         for _slot, fd, _done in self._waits:
