@@ -15,7 +15,7 @@ from typing import Iterator
 
 from . import probe, spawn
 from .config import ServiceConfig
-from .errors import BusyError, ConfigError, NotPermittedError, NotRunningError
+from .errors import ActionFailedError, BusyError, ConfigError, NotPermittedError, NotRunningError
 from .layout import Layout, read_pid_file, remove_stale
 from .locks import flock
 from .log import Log
@@ -39,7 +39,12 @@ class Service:
         self.log.write("INFO" if ok else "ERROR", f"{what} [{result}]")
 
     def slots(self) -> tuple[list[SlotReport], list[probe.Stale]]:
-        return probe.read_slots(self.layout, self.cfg.locks.max_procs, self.cfg.locks.standby_max_procs)
+        reports, stale = probe.read_slots(self.layout, self.cfg.locks.max_procs, self.cfg.locks.standby_max_procs)
+        if not (os.path.isdir(self.layout.lock_path) and os.path.isdir(self.layout.standby_lock_path)):
+            # pid_dir (or a lock folder) was removed under running processes (issue #6)
+            orphans = {(r.role, r.slot): r for r in probe.orphaned_holders(self.layout)}
+            reports = [orphans.get((r.role, r.slot), r) if r.pid is None else r for r in reports]
+        return reports, stale
 
     def outcome(self, action: str, status: int, slots: list[SlotReport] | None = None,
                 **detail: object) -> Outcome:
@@ -76,6 +81,8 @@ def _prepare(svc: Service) -> None:
     worker can write its pid files. Bad paths fail here, before anything runs.
     """
     cfg = svc.cfg
+    _refuse_beside_orphans(svc)
+    _check_paths(cfg)
     ident = cfg.identity
     chown = os.geteuid() == 0 and ident.uid is not None
     for key, folder in (("pid_dir", cfg.pid_dir), ("locks.path", cfg.locks.path),
@@ -109,9 +116,59 @@ def _prepare(svc: Service) -> None:
             os.chown(path, ident.uid or 0, -1 if ident.gid is None else ident.gid)
 
 
+def _check_paths(cfg: ServiceConfig) -> None:
+    """Refuse an unusable folder or file before _prepare creates any (issue #6): a bad
+    log_file must not leave new folders in pid_dir. Changes nothing; _prepare still
+    reports whatever this cannot foresee."""
+    for key, path, folder in (("pid_dir", cfg.pid_dir, True), ("locks.path", cfg.locks.path, True),
+                              ("locks.standby_path", cfg.locks.standby_path, True),
+                              ("log_file", cfg.log_file, False), ("stdout_file", cfg.stdout_file, False),
+                              ("stderr_file", cfg.stderr_file, False)):
+        if path is None:
+            continue
+        existing = path
+        while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
+            existing = os.path.dirname(existing)  # the nearest part of the path that exists
+        if existing == path and folder != os.path.isdir(path):
+            problem = "is not a directory" if folder else "is a directory"
+            raise ConfigError(f'{cfg.config_file}: key "{key}": {path} {problem}')
+        if existing != path and not os.path.isdir(existing):
+            raise ConfigError(f'{cfg.config_file}: key "{key}": cannot create {path}: {existing} is not a directory')
+        if not os.access(existing, os.W_OK | (os.X_OK if existing != path else 0)):
+            what = (f"write in {path}" if folder else f"open {key} {path}") if existing == path else f"create {path}"
+            raise NotPermittedError(f"cannot {what}: Permission denied")
+
+
+def _refuse_beside_orphans(svc: Service) -> None:
+    """Start nothing beside processes that hold lock files deleted from under them:
+    fresh lock files would let a second main in (issue #6)."""
+    if os.path.isdir(svc.layout.lock_path) and os.path.isdir(svc.layout.standby_lock_path):
+        return
+    orphans = [r for r in svc.slots()[0] if r.running]
+    if orphans:
+        held = ", ".join(f"{r.label} (pid {r.pid})" for r in orphans)
+        raise ActionFailedError(f"{held} still hold slots whose lock files were deleted (was {svc.cfg.pid_dir} "
+                                f"removed while {svc.cfg.name} ran?); run stop first")
+
+
+def _stop_orphans(svc: Service, reports: list[SlotReport]) -> Outcome:
+    """Stop the holders of deleted lock files: the usual ladder, standbys first, but
+    without the control lock and the stop file, which were in the removed pid_dir."""
+    svc.say(f"{svc.cfg.pid_dir} is gone, yet {len(reports)} processes hold its deleted lock files", "Found")
+    survivors = _stop_standbys(svc, reports)
+    targets = _targets(reports, Role.MAIN)
+    survivors += _end(svc, targets, Role.MAIN)
+    for report, _t in targets:
+        if report not in survivors:
+            svc.say(f"main #{report.slot} (pid {report.pid})", "Stopped")
+    for report in survivors:
+        svc.say(f"{report.label} (pid {report.pid}) still holds its slot", "Failed", ok=False)
+    return svc.outcome("stop", 1 if survivors else 0, svc.slots()[0])
+
+
 def _clean_stale(svc: Service, stale: list[probe.Stale]) -> None:
     """Remove stale pid files (re-read first: a new holder may have just renamed its own)."""
-    for item in stale + probe.unknown_pid_files(svc.layout):
+    for item in stale + probe.unknown_pid_files(svc.layout, svc.cfg.name):
         now = read_pid_file(item.path)
         if now is None or (now.pid is not None and now.pid != item.pid):
             continue  # gone, or replaced by a process that has just taken the slot
@@ -171,7 +228,7 @@ def _cut_back_off(svc: Service) -> None:
     import signal
 
     found = read_pid_file(svc.layout.backoff_file)
-    if found is None or found.pid is None or not probe.is_worker(found.pid, svc.cfg.name):
+    if found is None or found.pid is None or not probe.is_worker_of(found.pid, svc.layout, svc.cfg.name):
         return
     target = probe.open_target(found.pid)
     if target is not None:
@@ -239,6 +296,10 @@ def _end(svc: Service, targets: list[tuple[SlotReport, probe.Target]], role: Rol
     for path in stop_files:
         _remove(path)
     survivors = {t.pid for t in alive}
+    if cfg.locks.engine == "zookeeper":  # issue #7: free their lock nodes now, not at session expiry
+        from .locks import zookeeper
+
+        zookeeper.release_exited(cfg, [t.pid for _r, t in targets if t.pid not in survivors], svc.log)
     for _r, target in targets:
         target.close()
     return [r for r, t in targets if t.pid in survivors]
@@ -311,12 +372,11 @@ def _start_locked(svc: Service, action: str) -> Outcome:
 def fork(cfg: ServiceConfig) -> Outcome:
     """For cron: refuse while the stop file exists, else spawn whatever is missing."""
     svc = Service(cfg)
-    if os.path.lexists(cfg.standby_stop_file):
-        svc.say(f"not forking: standby stop file {cfg.standby_stop_file} exists", "Failed", ok=False)
-        return svc.outcome("fork", 1)
     _prepare(svc)
     with _control(svc):
-        if os.path.lexists(cfg.standby_stop_file):  # a stop came first
+        # Checked only under the control lock: restart touches the stop file for a
+        # moment (to clear the standbys), and a fork racing it must not fail (issue #6).
+        if os.path.lexists(cfg.standby_stop_file):
             svc.say(f"not forking: standby stop file {cfg.standby_stop_file} exists", "Failed", ok=False)
             return svc.outcome("fork", 1)
         reports, stale = svc.slots()
@@ -329,6 +389,9 @@ def stop(cfg: ServiceConfig) -> Outcome:
     """Touch the stop file; stop standbys, then mains (stop ladder); clean pid files."""
     svc = Service(cfg)
     if not os.path.isdir(cfg.pid_dir):
+        orphans = [r for r in svc.slots()[0] if r.running]
+        if orphans:
+            return _stop_orphans(svc, orphans)
         svc.say("Not Running", "OK")
         return svc.outcome("stop", 0)
     with _control(svc):
@@ -345,6 +408,7 @@ def _stop_locked(svc: Service) -> Outcome:
     survivors: list[SlotReport] = []
     for _round in range(5):  # a respawn racing us is caught on the next round
         reports, stale = svc.slots()
+        reports += probe.extra_slots(svc.layout, cfg.locks.max_procs, cfg.locks.standby_max_procs)
         if not any(r.running for r in reports):
             break
         stopped_any = True
@@ -356,6 +420,7 @@ def _stop_locked(svc: Service) -> Outcome:
                 svc.say(f"main #{report.slot} (pid {report.pid})", "Stopped")
     _end_strays(svc)
     reports, stale = svc.slots()
+    reports += probe.extra_slots(svc.layout, cfg.locks.max_procs, cfg.locks.standby_max_procs)
     _clean_stale(svc, stale)
     for slot in range(1, cfg.locks.max_procs + 1):
         _remove(svc.layout.ready_file(slot))
@@ -462,6 +527,13 @@ def _wait_for_new_holder(svc: Service, watch: "object", report: SlotReport, dead
             holder = flock.HolderProbe().holder(lock_file, [found.pid])
             if holder == found.pid:
                 return holder
+        if svc.cfg.locks.engine == "zookeeper":  # issue #7: another host's standby may take the slot
+            from .locks import zookeeper
+
+            remote = zookeeper.new_holder(svc.cfg, report.slot, report.pid, svc.log)
+            if remote is not None:
+                svc.log.info(f"main #{report.slot} taken over by pid {remote[1]} on {remote[0]}")
+                return remote[1]
         left = deadline - time.monotonic()
         if left <= 0:
             return None
@@ -474,6 +546,9 @@ def _wait_for_ready(svc: Service, watch: "object", slot: int, pid: int, deadline
     import select
 
     path = svc.layout.ready_file(slot)
+    if svc.cfg.locks.engine == "zookeeper" and flock.HolderProbe().holder(svc.layout.lock_file("main", slot),
+                                                                          [pid]) != pid:
+        return True  # issue #7: held on another host, whose ready file this host cannot see
     while True:
         found = read_pid_file(path)
         if found is not None and found.pid == pid:
@@ -563,18 +638,28 @@ def status(cfg: ServiceConfig) -> Outcome:
     """Read every expected slot from its lock: 0 all running, 3 none, 1 some."""
     svc = Service(cfg)
     reports, _stale = svc.slots()
+    reports += probe.extra_slots(svc.layout, cfg.locks.max_procs, cfg.locks.standby_max_procs)
+    zk_problem = None
+    if cfg.locks.engine == "zookeeper":  # issue #7: main slots may be held on other hosts
+        from .locks import zookeeper
+
+        reports, zk_problem = zookeeper.status_slots(cfg, reports, svc.log, probe.is_alive)
     for report in reports:
         stale = f" (stale: {'; '.join(report.stale)})" if report.stale else ""
         if report.running:
-            svc.steps.append(Step(f"{report.label} (pid {report.pid}){stale}", "Running", True))
+            on = f" on {report.host}" if report.host is not None else ""
+            svc.steps.append(Step(f"{report.label} (pid {report.pid}{on}){stale}", "Running", True))
         else:
             svc.steps.append(Step(f"{report.label}{stale}", "Not Running", False))
     detail: dict[str, object] = {}
     found = read_pid_file(svc.layout.backoff_file)
-    if found is not None and found.pid is not None and probe.is_worker(found.pid, cfg.name):
+    if found is not None and found.pid is not None and probe.is_worker_of(found.pid, svc.layout, cfg.name):
         delay = _second_line(svc.layout.backoff_file)
         svc.steps.append(Step(f"crash loop: standby pid {found.pid} is backing off {delay} s", "Back-off", False))
         detail["backoff"] = {"pid": found.pid, "delay": float(delay) if delay else None}
+    if zk_problem is not None:  # issue #7: who holds the main slots is unknown: LSB status 4
+        svc.steps.append(Step(zk_problem, "Unknown", False))
+        return svc.outcome("status", 4, reports, **detail)
     return svc.outcome("status", status_code(reports), reports, **detail)
 
 

@@ -151,6 +151,13 @@ class ServiceConfig:
             "directory": self.directory,
             "env": dict(self.env),
             "manual": True,  # spawned by a person or cron: no crash-loop back-off
+            # ZooKeeper engine (issue #7, locks/zookeeper.py); host id as in zookeeper.host_id()
+            "engine": locks.engine,
+            "zk_hosts": locks.hosts,
+            "zk_root": locks.root,
+            "session_timeout": locks.session_timeout,
+            "fence_grace": locks.fence_grace,
+            "host_id": os.environ.get("HADCTL_HOST_ID") or os.uname().nodename,
         }
 
 
@@ -393,12 +400,20 @@ def _read_toml(path: str) -> dict[str, Any]:
     except ModuleNotFoundError:  # Python < 3.11
         import tomli as tomllib  # type: ignore[no-redef]
 
+    import stat
+
     try:
-        with open(path, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            if size > 1_000_000:
-                raise ConfigError(f"{path}: file is {size} bytes, larger than a service file can be (1 MB)")
-            data = handle.read()
+        # O_NONBLOCK: a FIFO given as the file must not block us; only a regular file is
+        # read, and never more than the limit (/dev/zero has no end) (issue #6).
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as handle:
+            info = os.fstat(handle.fileno())
+            if stat.S_ISDIR(info.st_mode):
+                raise IsADirectoryError
+            if not stat.S_ISREG(info.st_mode):
+                raise ConfigError(f"{path}: is not a regular file")
+            if info.st_size > 1_000_000:
+                raise ConfigError(f"{path}: file is {info.st_size} bytes, larger than a service file can be (1 MB)")
+            data = handle.read(1_000_001)
     except IsADirectoryError:
         raise ConfigError(f"{path}: is a directory, not a service file") from None
     except FileNotFoundError:
@@ -493,8 +508,18 @@ def load(path: str) -> ServiceConfig:
                              else os.path.join(pid_dir, "lock-standby"))
     if locks.get("engine") == "zookeeper" and "hosts" not in locks:
         raise ConfigError(f'{path}: key "locks.hosts": required when engine is "zookeeper"')
+    if locks.get("engine") == "zookeeper":  # issue #7: say so now rather than in every spawned process
+        import importlib.util
+
+        if importlib.util.find_spec("kazoo") is None:
+            raise ConfigError(f'{path}: key "locks.engine": "zookeeper" needs kazoo '
+                              "(pip install 'hadctl[zookeeper]')")
     if "fence_grace" not in locks:
         locks["fence_grace"] = locks.get("session_timeout", 6.0) / 4
+    if locks.get("engine") == "zookeeper" and locks["fence_grace"] >= locks.get("session_timeout", 6.0):
+        # issue #7: a main must be fenced before ZooKeeper can give its slot away
+        raise ConfigError(f'{path}: key "locks.fence_grace": must be less than locks.session_timeout '
+                          f'({locks.get("session_timeout", 6.0):g} s), got {locks["fence_grace"]:g}')
     if locks["path"] == locks["standby_path"]:
         raise ConfigError(f'{path}: key "locks.standby_path": must differ from locks.path')
 

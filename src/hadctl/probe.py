@@ -47,6 +47,52 @@ def read_slots(layout: Layout, max_procs: int, standby_max_procs: int,
     return reports, stale
 
 
+def extra_slots(layout: Layout, max_procs: int, standby_max_procs: int) -> list[SlotReport]:
+    """Held slots beyond the configured counts (max_procs lowered while the service
+    ran): read_slots does not look there, yet their holders are ours (issue #6)."""
+    probe = HolderProbe()
+    found = []
+    for role, count, folder in ((Role.MAIN, max_procs, layout.lock_path),
+                                (Role.STANDBY, standby_max_procs, layout.standby_lock_path)):
+        for name in sorted(_listdir(folder)):
+            number = name[: -len(".lock")]
+            if not (name.endswith(".lock") and number.isdigit() and int(number) > count):
+                continue
+            pid_file = read_pid_file(layout.pid_file(role.value, int(number)))
+            holder = probe.holder(os.path.join(folder, name), [pid_file.pid] if pid_file is not None else [])
+            if holder is not None:
+                key = "max_procs" if role is Role.MAIN else "standby_max_procs"
+                found.append(SlotReport(role, int(number), holder, (f"beyond {key} = {count}",)))
+    return found
+
+
+def orphaned_holders(layout: Layout) -> list[SlotReport]:
+    """Holders of slot lock files that were deleted (pid_dir or a lock folder removed
+    while the service ran). Their slots no longer show through the files, yet they
+    are held, and a fresh lock file would let a second main in beside them (issue #6).
+    Found through /proc/locks (every flock's holder), then that holder's fds."""
+    folders = {os.path.realpath(layout.lock_path): Role.MAIN,
+               os.path.realpath(layout.standby_lock_path): Role.STANDBY}
+    table = HolderProbe().every_holder()
+    found: dict[tuple[Role, int], int] = {}
+    for pid in sorted(set(table.values())):
+        for fd in _listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if not target.endswith(" (deleted)"):
+                    continue
+                info = os.stat(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            path = target[: -len(" (deleted)")]
+            role, slot = folders.get(os.path.dirname(path)), os.path.basename(path)[: -len(".lock")]
+            key = (os.major(info.st_dev), os.minor(info.st_dev), info.st_ino)
+            if role is not None and path.endswith(".lock") and slot.isdigit() and table.get(key) == pid:
+                found[(role, int(slot))] = pid
+    return [SlotReport(role, slot, pid, ("holds a deleted lock file",)) for (role, slot), pid in sorted(
+        found.items(), key=lambda item: (item[0][0] is Role.STANDBY, item[0][1]))]
+
+
 def _stale_notes(pid_file: PidFile | None, holder: int | None, role: Role, slot: int) -> list[Stale]:
     if pid_file is None:
         return []
@@ -59,20 +105,25 @@ def _stale_notes(pid_file: PidFile | None, holder: int | None, role: Role, slot:
     return []
 
 
-def unknown_pid_files(layout: Layout) -> list[Stale]:
-    """``unknown-PID.pid`` files whose process is gone (a worker that died starting)."""
+def unknown_pid_files(layout: Layout, service: str | None = None) -> list[Stale]:
+    """``unknown-PID.pid`` files (and ``hadctl-backoff.pid``) whose process is gone (a
+    worker that died starting), or, given the ``service`` name, is no starting (or
+    backed-off) worker of this service: junk that must be neither trusted nor kept."""
     found = []
     try:
         names = os.listdir(layout.pid_dir)
     except OSError:
         return []
     for name in names:
-        if name.startswith("unknown-") and name.endswith(".pid"):
+        if (name.startswith("unknown-") and name.endswith(".pid")) or name == os.path.basename(layout.backoff_file):
             pid_file = read_pid_file(os.path.join(layout.pid_dir, name))
             if pid_file is None:
                 continue
             if pid_file.pid is None or not is_alive(pid_file.pid):
-                found.append(Stale(pid_file.path, f"{name} names no running process"))
+                found.append(Stale(pid_file.path, f"{name} names no running process", pid_file.pid))
+            elif service is not None and not is_worker_of(pid_file.pid, layout, service):
+                found.append(Stale(pid_file.path, f"{name} names pid {pid_file.pid}, no starting worker of "
+                                   f"{service}", pid_file.pid))
     return found
 
 
@@ -83,9 +134,25 @@ def strays(layout: Layout, name: str) -> list[int]:
     paths = [os.path.join(layout.pid_dir, n) for n in _listdir(layout.pid_dir) if n.startswith("unknown-")]
     for path in paths + [layout.backoff_file]:
         pid_file = read_pid_file(path)
-        if pid_file is not None and pid_file.pid is not None and is_worker(pid_file.pid, name):
+        if pid_file is not None and pid_file.pid is not None and is_worker_of(pid_file.pid, layout, name):
             found.append(pid_file.pid)
     return found
+
+
+def is_worker_of(pid: int, layout: Layout, name: str) -> bool:
+    """``is_worker``, and of this service: a worker keeps the folder of its standby
+    stop file open (its dnotify watch) until it is main, so a pid file dropped in
+    pid_dir cannot make us signal another service's worker (issue #6)."""
+    if not is_worker(pid, name):
+        return False
+    folder = os.path.realpath(os.path.dirname(layout.standby_stop_file))
+    for fd in _listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == folder:
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def is_worker(pid: int, name: str) -> bool:

@@ -137,6 +137,10 @@ class Worker:
             return 0
         if not spec.get("manual", False) and not self._back_off():
             return 0
+        if spec.get("engine") == "zookeeper":  # main slots in ZooKeeper (issue #7); kazoo only then
+            from .locks import zookeeper
+
+            return zookeeper.run_worker(self, function, _Wake)
         mains = [(s, self.layout.lock_file("main", s)) for s in range(spec["max_procs"], 0, -1)]
         taken = flock.take_first_free(mains, self.pid)
         if taken is not None:
@@ -218,7 +222,18 @@ class Worker:
             paths.remove_if_ours(self.layout.backoff_file, self.pid)
 
     def _rename_pid_file(self, new: str) -> None:
-        os.replace(self.pid_file, new)
+        """Rename our pid file; junk in the way (a folder of that name) is removed, and
+        if it cannot be, we run on under the old name: the lock is the truth, the pid
+        file a hint, and a promoted main must not die of it (issue #6)."""
+        try:
+            os.replace(self.pid_file, new)
+        except OSError as exc:
+            try:
+                paths.remove_stale(new)
+                os.replace(self.pid_file, new)
+            except OSError:
+                self.log.warn(f"cannot rename {self.pid_file} to {new}: {exc.strerror}; it keeps its name")
+                return
         self.pid_file = new
 
     # ------------------------------------------------------------ waiting

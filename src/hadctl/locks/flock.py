@@ -250,6 +250,10 @@ class HolderProbe:
         """Drop the cached /proc/locks table (state has changed)."""
         self._table = None
 
+    def every_holder(self) -> dict[tuple[int, int, int], int]:
+        """Every flock on the host: file key -> holder pid (from /proc/locks)."""
+        return dict(self._proc_locks())
+
 
 # ------------------------------------------------------------- controllers
 

@@ -1,0 +1,709 @@
+"""Main slots as ZooKeeper locks (kazoo), so mains and standbys on several hosts share them (issue #7).
+
+In ZooKeeper, main slot N of service NAME is a kazoo ``Lock`` at ``ROOT/NAME/slot-N``:
+each contender creates an ephemeral sequential node ``<uuid>__lock__<seq>`` holding
+``"HOST PID"``; the lowest one holds the slot, each other one watches the node just
+before it (no polling: ZooKeeper tells the next in line the moment its predecessor
+goes). One lock per slot, not a semaphore, because a slot has a number here: the
+pid files, ``LOCKS/N.lock``, ``status`` lines and ``hadctl.slot()`` all name it.
+
+On this host, standby slots stay local flock (each host keeps its own warm
+standbys), and a process holding ZooKeeper slot N also holds the local flock
+``LOCKS/N.lock`` for as long as it is main, so local tooling (status, stop,
+restart, reload, which read local locks) sees local mains unchanged. ``status``
+asks ZooKeeper too (``status_slots``), to show slots held by other hosts.
+
+Fencing: a main whose session is SUSPENDED for longer than ``fence_grace``, or
+LOST, or whose lock node vanishes, or that heard nothing from the server for
+0.85 x session_timeout (a lease: the server cannot expire the session sooner),
+SIGKILLs its own process group at once (``Fence``). The fencing token, the lock node's czxid, grows with each new holder
+of a slot (a node created later has a larger zxid); it reaches the program as
+``$HADCTL_FENCING_TOKEN`` and ``hadctl.fencing_token()``.
+
+Imports kazoo (nowhere else in hadctl does) and, from hadctl, locks.flock and
+layout. The worker imports this module only when ``engine = "zookeeper"``, and
+only after the fork (kazoo starts threads); controllers import it only then too.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import select
+import signal
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+from kazoo.client import KazooClient
+from kazoo.exceptions import CancelledError, KazooException, NoNodeError
+from kazoo.handlers.threading import KazooTimeoutError
+from kazoo.protocol.states import EventType, KazooState
+from kazoo.recipe.lock import Lock
+from kazoo.retry import KazooRetry
+
+from .. import layout as paths
+from . import flock
+
+if TYPE_CHECKING:
+    from ..config import ServiceConfig
+    from ..model import SlotReport
+
+_CONTENDER = re.compile(r"__lock__(-?\d{10})$")
+
+
+def host_id() -> str:
+    """This host's name in lock nodes: ``$HADCTL_HOST_ID``, else the host name.
+
+    (config.worker_spec computes the same for the worker, without importing kazoo.)
+    """
+    return os.environ.get("HADCTL_HOST_ID") or os.uname().nodename
+
+
+def slot_path(root: str, name: str, slot: int) -> str:
+    return f"{root.rstrip('/')}/{name}/slot-{slot}"
+
+
+class UnreachableError(Exception):
+    """No ZooKeeper server of ``hosts`` answered in time."""
+
+
+class _ToLog(logging.Handler):
+    """kazoo's warnings go to hadctl's log, not to the service's stderr."""
+
+    def __init__(self, log: Any) -> None:
+        super().__init__(logging.WARNING)
+        self.hadctl_log = log
+        self.said: dict[str, float] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        now = time.monotonic()
+        if now - self.said.get(message, -60.0) < 30.0:
+            return  # kazoo repeats itself every retry while a server is down
+        self.said[message] = now
+        self.hadctl_log.warn(f"zookeeper: {message}")
+
+
+def _client(hosts: str, session_timeout: float, log: Any) -> KazooClient:
+    """A kazoo client that reconnects quickly (every 0.25 s at most while a server is down)."""
+    logger = logging.getLogger(f"hadctl.kazoo.{os.getpid()}")
+    logger.propagate = False
+    if not logger.handlers:
+        logger.addHandler(_ToLog(log))
+    retry = KazooRetry(max_tries=-1, delay=0.05, backoff=2, max_jitter=0.2, max_delay=0.25)
+    try:
+        return KazooClient(hosts=hosts, timeout=session_timeout, connection_retry=retry, logger=logger)
+    except ValueError as exc:  # kazoo parses "host:port,host:port[/chroot]" here
+        raise UnreachableError(f"invalid ZooKeeper hosts {hosts!r} (locks.hosts): {exc}") from None
+
+
+def _connect(client: KazooClient, hosts: str, timeout: float) -> None:
+    try:
+        client.start(timeout=timeout)
+    except KazooTimeoutError:
+        client.stop()
+        client.close()
+        raise UnreachableError(f"cannot connect to ZooKeeper at {hosts} within {timeout:g} s") from None
+
+
+def _lowest(children: Iterable[str]) -> str | None:
+    """The contender node that holds the lock (lowest sequence number), or None."""
+    found = [(m.group(1), child) for child in children if (m := _CONTENDER.search(child))]
+    return min(found)[1] if found else None
+
+
+def _parse_holder(data: bytes) -> tuple[str, int | None]:
+    """``b"HOST PID"`` -> (HOST, PID); a host name may itself hold spaces."""
+    text = data.decode("utf-8", "replace").strip()
+    host, _, pid = text.rpartition(" ")
+    return (host, int(pid)) if pid.isdigit() else (text, None)
+
+
+# ===================================================================== worker
+
+
+class Slots:
+    """One worker's ZooKeeper session and its contender nodes for main slots."""
+
+    def __init__(self, spec: dict, log: Any) -> None:  # type: ignore[type-arg]
+        self.spec = spec
+        self.log = log
+        self.hosts = spec["zk_hosts"]
+        self.identity = f"{spec['host_id']} {os.getpid()}"
+        self.client = _client(self.hosts, spec["session_timeout"], log)
+        self.locks: dict[int, Lock] = {}
+        self.fence: Fence | None = None
+
+    def connect(self) -> None:
+        """Open the session; raises UnreachableError after ``session_timeout`` seconds."""
+        _connect(self.client, self.hosts, self.spec["session_timeout"])
+
+    def lock(self, slot: int) -> Lock:
+        if slot not in self.locks:
+            lock = Lock(self.client, slot_path(self.spec["zk_root"], self.spec["name"], slot), self.identity)
+            # kazoo's own retry backs off up to 60 s while a server is down: far too
+            # long for a standby that must take over once the ensemble is back.
+            lock._retry = KazooRetry(max_tries=None, delay=0.05, backoff=2, max_jitter=0.2, max_delay=0.5,
+                                     sleep_func=self.client.handler.sleep_func)
+            self.locks[slot] = lock
+        return self.locks[slot]
+
+    def node_path(self, slot: int) -> str:
+        lock = self.locks[slot]
+        return f"{lock.path}/{lock.node}"
+
+    def take_first_free(self, slots: list[int]) -> int | None:
+        """Take the first slot nobody holds or waits for; None when every one is taken."""
+        for slot in slots:
+            if self.lock(slot).acquire(blocking=False):
+                return slot
+        return None
+
+    def wait(self, worker: Any, slots: list[int], wake: type[BaseException]) -> int | None:
+        """Queue for every slot at once (one thread per slot blocks in kazoo's
+        ``Lock.acquire``, woken by a watch) and return the first slot won; None
+        when the worker must leave (TERM/INT, the stop file, ``retries`` used up).
+
+        The main thread blocks in select() on a pipe the lock threads write to;
+        our signal handlers break that wait by raising ``wake``, as in worker.py.
+        """
+        spec = self.spec
+        read_fd, write_fd = os.pipe()
+        threads = []
+        won: int | None = None
+        limit = None if spec["retries"] is None else spec["interval"] * max(spec["retries"], 1)
+        deadline = None if limit is None else time.monotonic() + limit
+        tick = spec["interval"] if worker.watch_fd < 0 else None  # no dnotify: look at the stop file
+
+        def contend(slot: int) -> None:
+            try:
+                got = self.lock(slot).acquire(blocking=True)
+            except CancelledError:
+                return
+            except Exception as exc:  # noqa: BLE001 - reported to the main thread, which leaves
+                self.log.error(f"waiting for main slot {slot} in ZooKeeper failed: {type(exc).__name__}: {exc}")
+                got = False
+            os.write(write_fd, f"{slot if got else 0}\n".encode())
+
+        for slot in slots:
+            self.lock(slot)  # made here, not in the threads: self.locks is not shared-safe
+        try:
+            for slot in slots:
+                thread = threading.Thread(target=contend, args=(slot,), daemon=True, name=f"slot-{slot}")
+                thread.start()
+                threads.append(thread)
+            while won is None:
+                if worker.leaving is not None:
+                    self.log.trace(f"standby leaves on signal {worker.leaving}")
+                    return None
+                worker.folder_changed = False
+                if worker._stop_file_exists():
+                    self.log.trace("standby leaves: standby stop file exists")
+                    return None
+                timeout = tick
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        self.log.info(f"standby gives up after {limit:g} s waiting for a main slot (retries)")
+                        return None
+                    timeout = left if timeout is None else min(timeout, left)
+                ready: list[int] = []
+                worker.waiting = True
+                try:
+                    if worker.leaving is None and not worker.folder_changed:
+                        ready = select.select([read_fd], [], [], timeout)[0]
+                except wake:
+                    pass
+                finally:
+                    worker.waiting = False
+                if ready:
+                    for word in os.read(read_fd, 4096).split():
+                        if int(word) == 0:
+                            return None  # already logged by the lock thread
+                        if won is None:
+                            won = int(word)
+            return won
+        finally:
+            self._cancel_others(threads, keep=won)
+            os.close(read_fd)
+            os.close(write_fd)
+
+    def _cancel_others(self, threads: list[threading.Thread], keep: int | None) -> None:
+        """End every other wait, and give back any other slot won at the same moment."""
+        for slot, lock in self.locks.items():
+            if slot != keep:
+                lock.cancel()
+        for thread in threads:
+            thread.join(2.0)
+        for slot, lock in list(self.locks.items()):
+            if slot != keep:
+                if lock.is_acquired:
+                    try:
+                        lock.release()
+                    except KazooException as exc:
+                        self.log.warn(f"cannot give back main slot {slot} in ZooKeeper: {exc!r}")
+                del self.locks[slot]
+
+    def take_local_lock(self, worker: Any, slot: int) -> int | None:
+        """Take ``LOCKS/slot.lock`` now that ZooKeeper gave us ``slot``; returns its fd.
+
+        Only an ex-main of this host that lost its ZooKeeper lock can still hold it:
+        it fences itself within fence_grace, or at once when it notices its session
+        is lost. A frozen one (SIGSTOP) notices nothing, so after fence_grace + 1 s
+        it is SIGKILLed with its group, exactly what it would have done itself.
+        """
+        path = worker.layout.lock_file("main", slot)
+        fd = flock.try_take(path, worker.pid)
+        if fd is not None:
+            return fd
+        grace = self.spec["fence_grace"] + 1.0
+        self.log.warn(f"main slot {slot}: ZooKeeper gave it to us, but {path} is still held on this host; "
+                      f"waiting {grace:g} s for that ex-main to fence itself")
+        fd = flock.take_control(path, grace)
+        if fd is None:
+            holder = flock.HolderProbe().holder(path, [])
+            if holder is not None and holder != worker.pid:
+                self.log.error(f"main slot {slot}: pid {holder} holds {path} without its ZooKeeper lock "
+                               f"after {grace:g} s (frozen?); killing it and its process group (SIGKILL)")
+                _kill_group_of(holder)
+            fd = flock.take_control(path, 5.0)
+        if fd is None:
+            self.log.error(f"main slot {slot}: cannot take {path}; giving the slot back")
+            return None
+        flock.note_holder(fd, worker.pid)
+        return fd
+
+    def run_main(self, worker: Any, slot: int, fd: int, function: Any, standby_fd: int = -1,
+                 report_fd: int = -1) -> int:
+        """Arm the fence, hand the program its fencing token, run it as main (worker._run_main),
+        then give the slot back at once (delete the lock node, close the session)."""
+        import hadctl
+
+        self.fence = Fence(self.client, self.node_path(slot), slot, self.spec["fence_grace"],
+                           self.spec["session_timeout"], self.log,
+                           lambda: paths.remove_if_ours(worker.pid_file, worker.pid))
+        token = self.fence.arm()
+        os.environ["HADCTL_FENCING_TOKEN"] = str(token)
+        hadctl._state["fencing_token"] = token
+        self.log.info(f"main #{slot} holds {self.node_path(slot)} (fencing token {token})")
+        try:
+            return int(worker._run_main(slot, fd, function, standby_fd=standby_fd, report_fd=report_fd))
+        finally:
+            self.fence.disarm()
+            self.release(slot)
+
+    def release(self, slot: int) -> None:
+        lock = self.locks.get(slot)
+        if lock is None or not lock.is_acquired:
+            return
+        try:
+            lock.release()
+        except KazooException as exc:  # the session's end below frees it anyway
+            self.log.warn(f"cannot delete the lock node of main slot {slot}: {exc!r}")
+
+    def close(self) -> None:
+        """Close the session: ZooKeeper deletes every node of ours at once."""
+        if self.fence is not None:
+            self.fence.disarm()
+        for lock in self.locks.values():
+            lock.cancel()
+        try:
+            self.client.stop()
+            self.client.close()
+        except Exception as exc:  # noqa: BLE001 - leaving anyway; the session expires on its own
+            self.log.warn(f"closing the ZooKeeper session: {exc!r}")
+
+
+def _kill_group_of(pid: int) -> None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            pgid = int(handle.read().rsplit(b")", 1)[1].split()[2])
+    except (OSError, ValueError, IndexError):
+        pgid = 0
+    if pgid > 1 and pgid != os.getpgrp():
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except OSError:
+            pass
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+class Fence:
+    """Ends a main that may no longer hold its slot, before another host runs it.
+
+    SUSPENDED (no answer from any server): a timer of ``grace`` seconds, cancelled
+    when the same session reconnects; LOST (session expired or closed) or our lock
+    node deleted: at once. And a lease, because kazoo may notice a silent partition
+    only 2/3 of the session timeout late: every reply read from the server (a ping's,
+    a request's) means the server heard from us, so it cannot expire the session
+    sooner than session_timeout after that; when nothing came back for ``LEASE`` x
+    session_timeout, the main is fenced, whatever kazoo's state says. (The replies
+    are observed by wrapping kazoo's ``ConnectionHandler._read_header``; a kazoo
+    without it leaves the lease off, and says so in the log.)
+
+    Fencing is SIGKILL to the main's own process group (it is in its own group,
+    see spawn.py), so the program and its children stop running user code at
+    once; nothing is cleaned up but the pid file.
+    """
+
+    LEASE = 0.85  # of session_timeout; the rest covers the round trip and the kill
+
+    def __init__(self, client: KazooClient, node_path: str, slot: int, grace: float, session_timeout: float,
+                 log: Any, forget_pid_file: Callable[[], None]) -> None:
+        self.client = client
+        self.node_path = node_path
+        self.slot = slot
+        self.grace = grace
+        self.lease = session_timeout * self.LEASE
+        self.log = log
+        self.forget_pid_file = forget_pid_file
+        self.armed = False
+        self.pgid = os.getpgrp()
+        self.timer: threading.Timer | None = None
+        self.guard = threading.Lock()
+        self.heard = time.monotonic()
+        self.stopped = threading.Event()
+
+    def arm(self) -> int:
+        """Start watching; returns the lock node's czxid (the fencing token)."""
+        self.armed = True
+        leased = self._observe_replies()
+        self.client.add_listener(self._on_state)
+        stat = self.client.exists(self.node_path, watch=self._on_node)
+        self.heard = time.monotonic()
+        if stat is None:
+            self.fire("our lock node is gone before the program started")
+        if self.client.state != KazooState.CONNECTED:
+            self._on_state(self.client.state)
+        if leased:
+            threading.Thread(target=self._keep_lease, daemon=True, name="hadctl-lease").start()
+        return int(stat.czxid)
+
+    def disarm(self) -> None:
+        with self.guard:
+            self.armed = False
+            self.stopped.set()
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+
+    def _observe_replies(self) -> bool:
+        connection: Any = getattr(self.client, "_connection", None)
+        read_header = getattr(connection, "_read_header", None)
+        if read_header is None:
+            self.log.warn("this kazoo has no ConnectionHandler._read_header: no lease, only fence_grace fences")
+            return False
+
+        def observed(*args: Any, **kwargs: Any) -> Any:
+            header, buffer, offset = read_header(*args, **kwargs)
+            if header.xid != -1:  # not a watch event (WATCH_XID): a reply to something we sent
+                self.heard = time.monotonic()
+            return header, buffer, offset
+
+        connection._read_header = observed
+        return True
+
+    def _keep_lease(self) -> None:
+        """Sleeps until the lease would run out (about once per lease while replies come)."""
+        while True:
+            left = self.heard + self.lease - time.monotonic()
+            if left <= 0:
+                self.fire(f"nothing heard from ZooKeeper for {self.lease:g} s ({self.LEASE:g} x session_timeout)")
+                return
+            if self.stopped.wait(left):
+                return
+
+    def _on_state(self, state: str) -> bool:
+        """kazoo listener (connection thread; must not block). True removes it."""
+        if not self.armed:
+            return True
+        if state == KazooState.LOST:
+            self.fire("ZooKeeper session lost (expired or closed)")
+        elif state == KazooState.SUSPENDED:
+            with self.guard:
+                if self.timer is None and self.armed:
+                    self.log.warn(f"main #{self.slot}: ZooKeeper connection suspended; fenced in {self.grace:g} s "
+                                  "unless it comes back")
+                    self.timer = threading.Timer(self.grace, self._grace_over)
+                    self.timer.daemon = True
+                    self.timer.start()
+        elif state == KazooState.CONNECTED:
+            with self.guard:
+                if self.timer is not None:
+                    self.timer.cancel()
+                    self.timer = None
+                    self.log.info(f"main #{self.slot}: ZooKeeper connection back within fence_grace")
+            # kazoo dropped our watch on SUSPENDED: set it again, and make sure the node is there.
+            self.client.exists_async(self.node_path, watch=self._on_node).rawlink(self._check_node)
+        return False
+
+    def _check_node(self, result: Any) -> None:
+        try:
+            stat = result.get_nowait()
+        except Exception:  # noqa: BLE001 - lost again meanwhile: the state listener decides
+            return
+        if stat is None:
+            self.fire("our lock node was deleted")
+
+    def _on_node(self, event: Any) -> None:
+        if event.type == EventType.DELETED:
+            self.fire("our lock node was deleted")
+
+    def _grace_over(self) -> None:
+        with self.guard:
+            self.timer = None
+            if not self.armed or self.client.state == KazooState.CONNECTED:
+                return
+        self.fire(f"no ZooKeeper server answered for {self.grace:g} s (fence_grace)")
+
+    def fire(self, reason: str) -> None:
+        """SIGKILL our process group, then ourselves: never returns while armed."""
+        with self.guard:
+            if not self.armed:
+                return
+            self.armed = False
+        self.log.error(f"main #{self.slot} fenced: {reason}; SIGKILL to process group {self.pgid}")
+        self.forget_pid_file()
+        try:
+            os.killpg(self.pgid, signal.SIGKILL)
+        except OSError:
+            pass
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run_worker(worker: Any, function: Any, wake: type[BaseException]) -> int:
+    """The ZooKeeper part of a worker's life (worker.py steps 3 to 6), entered after import.
+
+    Connect (after the fork: kazoo starts threads); take a free main slot, else a
+    local standby slot and queue for every main slot; as main, hold the local
+    ``LOCKS/N.lock`` as well, and give both back when the function returns.
+    """
+    spec = worker.spec
+    try:
+        zk = Slots(spec, worker.log)
+        zk.connect()
+    except UnreachableError as exc:
+        worker.log.error(str(exc))
+        worker.report(f"error {worker.pid} {exc}")
+        return 1
+    try:
+        slots = list(range(spec["max_procs"], 0, -1))
+        slot = zk.take_first_free(slots)
+        if slot is not None:
+            fd = zk.take_local_lock(worker, slot)
+            if fd is None:
+                worker.report(f"error {worker.pid} main slot {slot}: its local lock stays held on this host")
+                return 1
+            worker.report_fd, report_fd = -1, worker.report_fd  # report once the pid file is renamed
+            return zk.run_main(worker, slot, fd, function, report_fd=report_fd)
+        standbys = [(s, worker.layout.lock_file("standby", s)) for s in range(spec["standby_max_procs"], 0, -1)]
+        standby = flock.take_first_free(standbys, worker.pid)
+        if standby is None:
+            worker.report(f"noslot {worker.pid}")
+            return 0
+        standby_slot, standby_fd = standby
+        worker._rename_pid_file(worker.layout.pid_file("standby", standby_slot))
+        if worker._stop_file_exists():
+            worker.report(f"stopfile {worker.pid}")
+            flock.release(standby_fd)
+            return 0
+        worker.report(f"standby {standby_slot} {worker.pid}")
+        worker.log.trace(f"standby #{standby_slot} waiting for a main slot in ZooKeeper")
+        slot = zk.wait(worker, slots, wake)
+        fd = zk.take_local_lock(worker, slot) if slot is not None else None
+        if fd is None:
+            flock.release(standby_fd)
+            return 0
+        return zk.run_main(worker, slot, fd, function, standby_fd=standby_fd)  # type: ignore[arg-type]
+    except KazooException as exc:  # the program's own errors never get here (worker._run_main)
+        worker.log.error(f"ZooKeeper at {zk.hosts}: {type(exc).__name__} {exc}")
+        worker.report(f"error {worker.pid} ZooKeeper at {zk.hosts}: {type(exc).__name__} {exc}")
+        return 1
+    finally:
+        zk.close()
+
+
+# ================================================================ controllers
+
+
+class View:
+    """A controller's short ZooKeeper session: who holds which main slot."""
+
+    def __init__(self, cfg: "ServiceConfig", log: Any, timeout: float | None = None) -> None:
+        self.cfg = cfg
+        self.hosts = cfg.locks.hosts or ""
+        self.client = _client(self.hosts, cfg.locks.session_timeout, log)
+        _connect(self.client, self.hosts, cfg.locks.session_timeout if timeout is None else timeout)
+
+    def path(self, slot: int) -> str:
+        return slot_path(self.cfg.locks.root, self.cfg.name, slot)
+
+    def holder(self, slot: int) -> tuple[str, int | None, int] | None:
+        """(host, pid, czxid) of the slot's holder, or None when nobody holds it."""
+        for _attempt in range(5):  # the lowest node may go between listing and reading it
+            try:
+                children = self.client.get_children(self.path(slot))
+            except NoNodeError:
+                return None
+            lowest = _lowest(children)
+            if lowest is None:
+                return None
+            try:
+                data, stat = self.client.get(f"{self.path(slot)}/{lowest}")
+            except NoNodeError:
+                continue
+            host, pid = _parse_holder(data)
+            return host, pid, int(stat.czxid)
+        return None
+
+    def delete_nodes_of(self, host: str, pids: set[int]) -> list[str]:
+        """Delete every contender node (any slot) whose data names ``host`` and one of ``pids``."""
+        deleted = []
+        for slot in range(1, self.cfg.locks.max_procs + 1):
+            try:
+                children = self.client.get_children(self.path(slot))
+            except NoNodeError:
+                continue
+            for child in children:
+                path = f"{self.path(slot)}/{child}"
+                try:
+                    data, _stat = self.client.get(path)
+                    if _parse_holder(data) in {(host, pid) for pid in pids}:
+                        self.client.delete(path)
+                        deleted.append(path)
+                except NoNodeError:
+                    continue
+        return deleted
+
+    def close(self) -> None:
+        self.client.stop()
+        self.client.close()
+
+
+_views: dict[str, View] = {}
+_unreachable: dict[str, UnreachableError] = {}
+
+
+def _view(cfg: "ServiceConfig", log: Any) -> View:
+    """One controller session per process and service, closed when the process exits.
+
+    Connecting waits at most 3 s (or session_timeout), once: a failure is remembered.
+    """
+    if cfg.config_file in _unreachable:
+        raise _unreachable[cfg.config_file]
+    view = _views.get(cfg.config_file)
+    if view is None:
+        try:
+            view = View(cfg, log, timeout=min(cfg.locks.session_timeout, 3.0))
+        except UnreachableError as exc:
+            _unreachable[cfg.config_file] = exc
+            raise
+        if not _views:
+            import atexit
+
+            atexit.register(_close_views)
+        _views[cfg.config_file] = view
+    return view
+
+
+def _close_views() -> None:
+    for view in _views.values():
+        try:
+            view.close()
+        except Exception:  # noqa: BLE001 - exiting; the session ends with us anyway
+            pass
+    _views.clear()
+
+
+def status_slots(cfg: "ServiceConfig", reports: list["SlotReport"], log: Any,
+                 is_alive: Callable[[int], bool]) -> tuple[list["SlotReport"], str | None]:
+    """``reports`` (read from this host's locks) with main slots as ZooKeeper sees them.
+
+    A main slot held on another host is running there (``host`` names it; its
+    pid is that host's). Returns ``(reports, problem)``; ``problem`` says why
+    ZooKeeper could not be asked, and then the local reports come back as they were.
+    """
+    from dataclasses import replace
+
+    from ..model import Role
+
+    me = host_id()
+    try:
+        view = _view(cfg, log)
+    except UnreachableError as exc:
+        return reports, f"{exc}: slots held by other hosts are unknown"
+    try:
+        merged = []
+        for report in reports:
+            if report.role is not Role.MAIN:
+                merged.append(replace(report, host=me))
+                continue
+            found = view.holder(report.slot)
+            merged.append(_merge(report, found, me, is_alive, cfg.locks.session_timeout))
+        return merged, None
+    except KazooException as exc:
+        return reports, f"cannot read {cfg.locks.root}/{cfg.name} in ZooKeeper at {view.hosts}: {exc!r}"
+
+
+def _merge(report: "SlotReport", found: tuple[str, int | None, int] | None, me: str,
+           is_alive: Callable[[int], bool], session_timeout: float) -> "SlotReport":
+    from dataclasses import replace
+
+    local = report.pid
+    notes = list(report.stale)
+    if found is None:
+        if local is None:
+            return report
+        notes.append(f"pid {local} holds this host's lock but no ZooKeeper lock: it is being fenced")
+        return replace(report, host=me, stale=tuple(notes))
+    host, pid, _czxid = found
+    if host == me:
+        if pid == local:
+            return replace(report, host=me)
+        if local is not None:
+            notes.append(f"pid {local} of this host still holds its lock; ZooKeeper gives the slot to pid {pid}")
+        if pid is not None and is_alive(pid):
+            return replace(report, pid=pid, host=me, stale=tuple(notes))
+        notes.append(f"ZooKeeper still names pid {pid} of this host, which is gone; "
+                     f"the slot frees when its session expires (within {session_timeout:g} s)")
+        return replace(report, pid=local, host=me if local is not None else None, stale=tuple(notes))
+    if local is not None:
+        notes.append(f"pid {local} of this host still holds its lock, but ZooKeeper gives the slot to {host}: "
+                     "it is being fenced")
+    return replace(report, pid=pid, host=host, stale=tuple(notes))
+
+
+def release_exited(cfg: "ServiceConfig", pids: list[int], log: Any) -> None:
+    """Delete the ZooKeeper nodes of processes of this host that have just exited.
+
+    A main ended by a signal could not close its session, so its lock node would
+    keep the slot until the session expires (``session_timeout``); deleting it
+    hands the slot over now. Never fails the action: a problem is logged.
+    """
+    if not pids:
+        return
+    try:
+        view = _view(cfg, log)
+    except UnreachableError as exc:
+        log.warn(f"{exc}: the lock nodes of pids {pids} go when their sessions expire")
+        return
+    try:
+        for path in view.delete_nodes_of(host_id(), set(pids)):
+            log.info(f"deleted {path}, left behind by an exited process")
+    except KazooException as exc:
+        log.warn(f"cannot delete the lock nodes of pids {pids}: {exc!r}")
+
+
+def new_holder(cfg: "ServiceConfig", slot: int, old_pid: int | None, log: Any) -> tuple[str, int] | None:
+    """(host, pid) holding ``slot`` when it is another host, else None (restart's hand-over)."""
+    try:
+        found = _view(cfg, log).holder(slot)
+    except (UnreachableError, KazooException):
+        return None
+    if found is None or found[0] == host_id() or found[1] is None:
+        return None
+    return found[0], found[1]
