@@ -15,14 +15,16 @@ ended up on the report pipe, one line: ``standby 2 PID``, ``main 1 PID``,
 
 A forked child never returns into its caller: its body ends in ``os._exit()``
 and a failure goes to the report pipe, never to logging.
-Imports errors only (and the standard library).
+Imports errors only (and the standard library). The worker imports it at its
+start, for the replacement standby a promoted main spawns: so ``_signal``, not
+``signal`` (whose enum costs a promoting standby milliseconds to import).
 """
 from __future__ import annotations
 
+import _signal
 import marshal
 import os
 import select
-import signal
 import sys
 import time
 
@@ -249,8 +251,8 @@ def _reset_signals() -> None:
     give a service that cannot be reloaded with SIGHUP.
     """
     for name in _RESET_SIGNALS:
-        signal.signal(signal.Signals["SIG" + name], signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        _signal.signal(getattr(_signal, "SIG" + name), _signal.SIG_DFL)
+    _signal.pthread_sigmask(_signal.SIG_SETMASK, [])
 
 
 def _close_fds(close: bool, keep: tuple[int, int]) -> None:
@@ -299,7 +301,7 @@ def spawn_from_worker(spec: dict) -> int:  # type: ignore[type-arg]
         env = {k: v for k, v in os.environ.items() if k != "HADC_lock_fd"}
         pid = os.posix_spawn(sys.executable, [sys.executable, "-c", BOOT, "-1", "3"], env,
                              file_actions=actions, setsid=True,
-                             setsigdef=[signal.Signals["SIG" + n] for n in _RESET_SIGNALS],
+                             setsigdef=[getattr(_signal, "SIG" + n) for n in _RESET_SIGNALS],
                              setsigmask=[])
         os.write(spec_write, marshal.dumps(spec))
     finally:

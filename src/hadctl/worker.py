@@ -39,6 +39,7 @@ import hadctl
 from . import backoff
 from . import layout as paths
 from .locks import flock
+from .spawn import spawn_from_worker
 from .log import Log
 
 EX_NOTINSTALLED = 5
@@ -335,8 +336,6 @@ class Worker:
 
     def _respawn_standby(self) -> None:
         """Refill the standby pool at once, without delaying our own start."""
-        from .spawn import spawn_from_worker
-
         try:
             child = spawn_from_worker({**self.spec, "manual": False})
             self.log.trace(f"spawned replacement standby {child}")
