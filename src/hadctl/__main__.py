@@ -1,4 +1,4 @@
 """``python -m hadctl``: the same as the ``hadctl`` command."""
-from hadctl.cli import run
+from hadctl.entry import run
 
 run()

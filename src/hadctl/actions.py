@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import time
-from contextlib import contextmanager
-from typing import Iterator
 
 from . import probe, spawn
 from .config import ServiceConfig
@@ -55,23 +53,30 @@ class Service:
 # ------------------------------------------------------------------ helpers
 
 
-@contextmanager
-def _control(svc: Service, timeout: float = CONTROL_TIMEOUT) -> Iterator[None]:
-    """Hold the controllers' lock for the body; another controller waits its turn."""
-    path = svc.layout.control_lock
-    try:
-        fd = flock.take_control(path, timeout)
-    except PermissionError as exc:
-        raise NotPermittedError(f"cannot take lock {path}: {exc.strerror}") from exc
-    except OSError as exc:
-        raise ConfigError(f"cannot take lock {path}: {exc.strerror}") from exc
-    if fd is None:
-        raise BusyError(f"another hadctl is working on {svc.cfg.name} (it holds {path}); "
-                        f"gave up after {timeout:g} s")
-    try:
-        yield
-    finally:
-        os.close(fd)
+class _control:
+    """``with _control(svc):`` holds the controllers' lock for the body; another
+    controller waits its turn (a class, not contextlib: a fast command's import)."""
+
+    def __init__(self, svc: Service, timeout: float = CONTROL_TIMEOUT) -> None:
+        self.svc = svc
+        self.timeout = timeout
+        self.fd = -1
+
+    def __enter__(self) -> None:
+        path = self.svc.layout.control_lock
+        try:
+            fd = flock.take_control(path, self.timeout)
+        except PermissionError as exc:
+            raise NotPermittedError(f"cannot take lock {path}: {exc.strerror}") from exc
+        except OSError as exc:
+            raise ConfigError(f"cannot take lock {path}: {exc.strerror}") from exc
+        if fd is None:
+            raise BusyError(f"another hadctl is working on {self.svc.cfg.name} (it holds {path}); "
+                            f"gave up after {self.timeout:g} s")
+        self.fd = fd
+
+    def __exit__(self, *_exc: object) -> None:
+        os.close(self.fd)
 
 
 def _prepare(svc: Service) -> None:
@@ -120,6 +125,8 @@ def _check_paths(cfg: ServiceConfig) -> None:
     """Refuse an unusable folder or file before _prepare creates any (issue #6): a bad
     log_file must not leave new folders in pid_dir. Changes nothing; _prepare still
     reports whatever this cannot foresee."""
+    import stat
+
     for key, path, folder in (("pid_dir", cfg.pid_dir, True), ("locks.path", cfg.locks.path, True),
                               ("locks.standby_path", cfg.locks.standby_path, True),
                               ("log_file", cfg.log_file, False), ("stdout_file", cfg.stdout_file, False),
@@ -132,6 +139,11 @@ def _check_paths(cfg: ServiceConfig) -> None:
         if existing == path and folder != os.path.isdir(path):
             problem = "is not a directory" if folder else "is a directory"
             raise ConfigError(f'{cfg.config_file}: key "{key}": {path} {problem}')
+        if existing == path and not folder and (stat.S_ISFIFO(os.lstat(path).st_mode) or
+                                                stat.S_ISSOCK(os.lstat(path).st_mode)):
+            # opening a FIFO for writing blocks until someone reads it: every command would hang
+            # (lstat: /dev/stdout, a link to whatever fd 1 is, stays allowed)
+            raise ConfigError(f'{cfg.config_file}: key "{key}": {path} is a FIFO or a socket, not a file')
         if existing != path and not os.path.isdir(existing):
             raise ConfigError(f'{cfg.config_file}: key "{key}": cannot create {path}: {existing} is not a directory')
         if not os.access(existing, os.W_OK | (os.X_OK if existing != path else 0)):
@@ -239,7 +251,21 @@ def _cut_back_off(svc: Service) -> None:
 
 
 def _touch(path: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    """Make ``path`` exist, never through a symlink (a link planted in pid_dir must not
+    make a root controller create files elsewhere: the link is removed) and never
+    blocking (opening a FIFO for writing waits for a reader; it exists: enough) (issue #6)."""
+    import errno
+
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # a FIFO nobody reads: it exists, which is all we want
+            return
+        if exc.errno != errno.ELOOP:
+            raise
+        os.unlink(path)
+        fd = os.open(path, flags, 0o644)
     os.close(fd)
 
 

@@ -1,21 +1,20 @@
-"""The ``hadctl`` command: parse, load the config, call one action, render, exit.
+"""The ``hadctl`` command line, through click: help, options, every action.
 
-The one place that prints errors and chooses exit statuses: a HadctlError is
-one line on stderr and its LSB status; a usage error is click's (status 2);
-anything else is our bug: its traceback goes to the log file, one line to
-stderr, status 1.
+entry.py runs the common ``-c FILE ACTION`` forms without click and sends
+everything else here; both end in ``entry.perform``. Usage errors are click's
+(status 2, with usage); other errors are turned into statuses by
+``entry.guarded``.
 """
 from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Callable
+from typing import Any
 
 import click
 
 from . import __version__
-
-_CRASH_LOG = [""]  # where an internal error's traceback goes once a config is loaded
+from .entry import load, perform
 
 EPILOG = """\b
 Exit status follows the LSB init-script conventions:
@@ -52,34 +51,22 @@ def main(ctx: click.Context, config_path: str | None) -> None:
     ctx.obj = config_path
 
 
-def _config(ctx: click.Context) -> Any:
+def _config_path(ctx: click.Context) -> str:
     path = ctx.find_root().obj
     if not path:
         raise click.UsageError("missing option -c/--config FILE", ctx=ctx)
-    from .config import load
-
-    cfg = load(path)
-    _CRASH_LOG[0] = cfg.log_file
-    return cfg
+    return str(path)
 
 
-def _act(ctx: click.Context, name: str, action: Callable[[Any], Any], quiet_ok: bool = False) -> int:
-    cfg = _config(ctx)
-    ctx.meta["log_file"] = cfg.log_file
-    outcome = action(cfg)
-    from .render import write_lines
-
-    write_lines(outcome, sys.stdout, sys.stderr, quiet=cfg.quiet)
-    return int(outcome.exit_status)
+def _config(ctx: click.Context) -> Any:
+    return load(_config_path(ctx))
 
 
-def _simple(name: str, help_text: str, action_name: str, aliases: tuple[str, ...] = ()) -> None:
+def _simple(name: str, help_text: str, action_name: str) -> None:
     @main.command(name, help=help_text)
     @click.pass_context
     def command(ctx: click.Context) -> int:
-        from . import actions
-
-        return _act(ctx, name, getattr(actions, action_name))
+        return perform(_config_path(ctx), name)
 
 
 _simple("start", "Remove the standby stop file and spawn the missing mains, then standbys; wait until each "
@@ -108,10 +95,8 @@ _simple("upgrade", "Refresh the standbys, then touch main_upgrade_file (%p -> pi
 def status_command(ctx: click.Context, as_json: bool, every: bool, config_dir: str | None) -> int:
     """One line per expected slot, read from the locks: Running or Not Running
     (stale pid files named). Exit 0 all running, 3 none, 1 some."""
-    from . import actions
-    from .render import as_json as to_json, write_lines
-
     if every:
+        from .render import as_json as to_json, write_lines
         from .services import status_all
 
         folder = config_dir or os.environ.get("HADCTL_CONFIG_DIR") or "/etc/hadctl"
@@ -122,22 +107,14 @@ def status_command(ctx: click.Context, as_json: bool, every: bool, config_dir: s
             for outcome in outcomes:
                 write_lines(outcome, sys.stdout, sys.stdout)
         return code
-    cfg = _config(ctx)
-    outcome = actions.status(cfg)
-    if as_json:
-        click.echo(to_json(outcome))
-    elif not cfg.quiet:
-        write_lines(outcome, sys.stdout, sys.stdout)
-    return outcome.exit_status
+    return perform(_config_path(ctx), "status", as_json)
 
 
 @main.command("foreground")
 @click.pass_context
 def foreground_command(ctx: click.Context) -> int:
     """Run the entrypoint in this process: no fork, no locks, no output of hadctl's own."""
-    from . import actions
-
-    return actions.foreground(_config(ctx))
+    return perform(_config_path(ctx), "foreground")
 
 
 @main.command("get-init-file")
@@ -160,39 +137,22 @@ def get_systemd_unit_command(ctx: click.Context) -> int:
     return 0
 
 
-def run(argv: list[str] | None = None) -> None:
-    """Entry point: run one command and exit with its status; the only error handler."""
-    from .errors import HadctlError
-
+def run_click(args: list[str]) -> int:
+    """Parse ``args`` with click and run the command; click's own errors are
+    printed here (usage, status 2); HadctlError goes up to entry.guarded."""
     try:
-        code = main.main(args=argv, prog_name="hadctl", standalone_mode=False)
+        code = main.main(args=args, prog_name="hadctl", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("hadctl: aborted", err=True)
-        code = 1
+        return 1
     except click.ClickException as exc:
         exc.show()
-        code = exc.exit_code
-    except HadctlError as exc:
-        click.echo(f"hadctl: error: {exc}", err=True)
-        code = exc.exit_status
-    except KeyboardInterrupt:
-        click.echo("hadctl: interrupted", err=True)
-        code = 130
-    except Exception as exc:  # noqa: BLE001 - our bug: log it, say one line
-        code = _internal_error(exc)
-    sys.exit(code if isinstance(code, int) else 0)
+        return exc.exit_code
+    return code if isinstance(code, int) else 0
 
 
-def _internal_error(exc: BaseException) -> int:
-    import traceback
+def run(argv: list[str] | None = None) -> None:
+    """Entry point kept for compatibility: the same as hadctl.entry.run."""
+    from .entry import run as entry_run
 
-    from .log import Log
-
-    where = _CRASH_LOG[0]
-    if where:
-        Log(where).error("internal error:\n" + "".join(traceback.format_exception(exc)).rstrip())
-    else:
-        where = "stderr"
-        traceback.print_exception(exc)
-    click.echo(f"hadctl: internal error: {type(exc).__name__}: {exc} (traceback in {where})", err=True)
-    return 1
+    entry_run(argv)

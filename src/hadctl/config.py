@@ -12,16 +12,21 @@ import os
 import pwd
 import re
 import signal
-from dataclasses import dataclass, field
-from typing import Any, Callable
 
 from .errors import ConfigError
+from .record import record
+
+TYPE_CHECKING = False  # not typing's: importing typing costs a fast command milliseconds
+if TYPE_CHECKING:
+    from typing import Any, Callable
+
+    Check = Callable[[Any], Any]
 
 ENTRYPOINT_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 DEFAULT_STOP_SIGNALS = ("TERM", "TERM", "INT", "KILL")
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class LocksConfig:
     engine: str = "flock"
     hosts: str | None = None
@@ -36,7 +41,7 @@ class LocksConfig:
     standby_path: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class InitConfig:
     path: str | None = None
     init_config: str | None = None
@@ -47,7 +52,7 @@ class InitConfig:
     lsb_desc: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Identity:
     """Who the spawned processes run as; None fields mean 'unchanged'."""
 
@@ -57,7 +62,7 @@ class Identity:
     home: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ServiceConfig:
     config_file: str
     name: str
@@ -72,7 +77,7 @@ class ServiceConfig:
     group: str | None = None
     uid: int | None = None
     gid: int | None = None
-    identity: Identity = field(default_factory=Identity)
+    identity: Identity = Identity()
     umask: int | None = None
     directory: str | None = None
     env: tuple[tuple[str, str], ...] = ()
@@ -95,8 +100,8 @@ class ServiceConfig:
     restart_backoff_max: float = 60.0
     warmup: str | None = None
     ready_timeout: float | None = None
-    locks: LocksConfig = field(default_factory=LocksConfig)
-    init: InitConfig = field(default_factory=InitConfig)
+    locks: LocksConfig = LocksConfig()
+    init: InitConfig = InitConfig()
 
     @property
     def signal_timeout(self) -> float:
@@ -162,8 +167,6 @@ class ServiceConfig:
 
 
 # ---------------------------------------------------------------- validation
-
-Check = Callable[[Any], Any]
 
 
 class _Refusal(Exception):

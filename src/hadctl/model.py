@@ -6,7 +6,8 @@ Leaf module: imports nothing from hadctl. The spawned worker never imports it
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+
+from .record import record
 
 
 class Role(enum.Enum):
@@ -14,7 +15,7 @@ class Role(enum.Enum):
     STANDBY = "standby"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class SlotReport:
     """What the locks say about one slot.
 
@@ -38,7 +39,7 @@ class SlotReport:
         return f"{self.role.value} #{self.slot}"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Step:
     """One line of output: ``NAME : what [result]``; ``ok`` picks the colour."""
 
@@ -47,7 +48,7 @@ class Step:
     ok: bool = True
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Outcome:
     """The result of one action for one service: lines, slots and exit status."""
 
@@ -57,4 +58,4 @@ class Outcome:
     steps: tuple[Step, ...] = ()
     slots: tuple[SlotReport, ...] = ()
     log_file: str | None = None
-    detail: dict[str, object] = field(default_factory=dict)
+    detail: dict[str, object] | None = None  # extra facts for JSON

@@ -14,14 +14,14 @@ import os
 import select
 import signal
 import time
-from dataclasses import dataclass
 
 from .layout import Layout, PidFile, read_pid_file
 from .locks.flock import HolderProbe
 from .model import Role, SlotReport
+from .record import record
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Stale:
     """A pid file (or junk in its place) that does not name its slot's holder."""
 

@@ -7,9 +7,12 @@ then (it costs ~15 ms, which ``status`` cannot afford). Imports model only.
 from __future__ import annotations
 
 import os
-from typing import IO, Iterable
 
 from .model import Outcome
+
+TYPE_CHECKING = False  # not typing's: importing typing costs a fast command milliseconds
+if TYPE_CHECKING:
+    from typing import IO, Iterable
 
 
 def use_color(stream: IO[str]) -> bool:
@@ -73,7 +76,7 @@ def as_dict(outcome: Outcome) -> dict[str, object]:
         ],
         "messages": [{"what": s.what, "result": s.result, "ok": s.ok} for s in outcome.steps],
     }
-    data.update(outcome.detail)
+    data.update(outcome.detail or {})
     return data
 
 

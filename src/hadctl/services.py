@@ -77,7 +77,7 @@ def status_all(folder: str) -> tuple[list[Outcome], int]:
             outcomes.append(_broken(path, exc))
     counts = {"running": 0, "partly": 0, "stopped": 0, "broken": 0}
     for outcome in outcomes:
-        kind = "broken" if "error" in outcome.detail else STATES.get(outcome.exit_status, "broken")
+        kind = "broken" if "error" in (outcome.detail or {}) else STATES.get(outcome.exit_status, "broken")
         counts[kind] += 1
     worst = max((o.exit_status for o in outcomes), key=severity, default=0)
     what = (f"{len(outcomes)} services: {counts['running']} running, {counts['partly']} partly, "
@@ -104,7 +104,7 @@ def _service_status(cfg: ServiceConfig, holder_probe: HolderProbe) -> Outcome:
         outcome = Outcome(cfg.name, "status", actions.status_code(reports), _steps(reports),
                           tuple(reports), cfg.log_file)
     return Outcome(outcome.name, outcome.action, outcome.exit_status, outcome.steps, outcome.slots,
-                   outcome.log_file, {**outcome.detail, "config_file": cfg.config_file})
+                   outcome.log_file, {**(outcome.detail or {}), "config_file": cfg.config_file})
 
 
 def _steps(reports: list[SlotReport]) -> tuple[Step, ...]:

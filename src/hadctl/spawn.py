@@ -29,6 +29,7 @@ import sys
 import time
 
 from .errors import ActionFailedError
+from .layout import write_pid_file
 
 HADCTL_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BOOT = (f"import sys; sys.path.insert(0, {HADCTL_DIR!r}); "
@@ -303,6 +304,12 @@ def spawn_from_worker(spec: dict) -> int:  # type: ignore[type-arg]
                              file_actions=actions, setsid=True,
                              setsigdef=[getattr(_signal, "SIG" + n) for n in _RESET_SIGNALS],
                              setsigmask=[])
+        # Name it at once in pid_dir (it does so itself only once Python is up), so a
+        # stop racing this spawn sees it and waits for it to leave.
+        try:
+            write_pid_file(os.path.join(spec["pid_dir"], f"unknown-{pid}.pid"), pid)
+        except OSError:
+            pass  # it will try itself, and report what is wrong with pid_dir
         os.write(spec_write, marshal.dumps(spec))
     finally:
         for fd in (spec_read, spec_write, log):

@@ -627,7 +627,7 @@ def status_slots(cfg: "ServiceConfig", reports: list["SlotReport"], log: Any,
     pid is that host's). Returns ``(reports, problem)``; ``problem`` says why
     ZooKeeper could not be asked, and then the local reports come back as they were.
     """
-    from dataclasses import replace
+    from ..record import replace
 
     from ..model import Role
 
@@ -651,7 +651,7 @@ def status_slots(cfg: "ServiceConfig", reports: list["SlotReport"], log: Any,
 
 def _merge(report: "SlotReport", found: tuple[str, int | None, int] | None, me: str,
            is_alive: Callable[[int], bool], session_timeout: float) -> "SlotReport":
-    from dataclasses import replace
+    from ..record import replace
 
     local = report.pid
     notes = list(report.stale)
