@@ -8,6 +8,7 @@ Imports everything below it; never click or rich.
 """
 from __future__ import annotations
 
+import _signal
 import os
 import time
 
@@ -362,8 +363,9 @@ def _end_strays(svc: Service, grace: float | None = None) -> None:
         svc.say(f"worker {target.pid} (holding no slot) survived TERM and KILL", "Failed", ok=False)
 
 
-def _stop_standbys(svc: Service, reports: list[SlotReport], quiet_lines: bool = False) -> list[SlotReport]:
-    targets = _targets(reports, Role.STANDBY)
+def _stop_standbys(svc: Service, reports: list[SlotReport], quiet_lines: bool = False,
+                   targets: list[tuple[SlotReport, probe.Target]] | None = None) -> list[SlotReport]:
+    targets = _targets(reports, Role.STANDBY) if targets is None else targets
     survivors = _end(svc, targets, Role.STANDBY)
     for report, _t in targets:
         if report in survivors:
@@ -438,9 +440,15 @@ def _stop_locked(svc: Service) -> Outcome:
         if not any(r.running for r in reports):
             break
         stopped_any = True
-        survivors = _stop_standbys(svc, reports)
+        # TERM the standbys first, but wait for them together with the mains: a
+        # standby takes a few ms to leave, and one that grabs a main slot meanwhile
+        # kills itself before running any code (it was asked to leave).
+        standbys = _targets(reports, Role.STANDBY)
+        for _report, target in standbys:
+            target.signal(_signal.SIGTERM, group=False)
         targets = _targets(reports, Role.MAIN)
-        survivors += _end(svc, targets, Role.MAIN)
+        survivors = _end(svc, targets, Role.MAIN)
+        survivors += _stop_standbys(svc, reports, targets=standbys)
         for report, _t in targets:
             if report not in survivors:
                 svc.say(f"main #{report.slot} (pid {report.pid})", "Stopped")

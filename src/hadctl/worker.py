@@ -61,7 +61,17 @@ def main() -> None:
     os.close(spec_fd)
     spec = marshal.loads(b"".join(chunks))
     sys.argv = [spec["name"]]
-    code = Worker(spec, report_fd).run()
+    worker = Worker(spec, report_fd)
+    code = worker.run()
+    if not worker.ran_main:
+        # No user code ran: nothing for atexit or a full interpreter shutdown to do,
+        # and a leaving standby is gone (for stop's pidfd) milliseconds sooner.
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
     sys.exit(code)
 
 
@@ -75,6 +85,7 @@ class Worker:
         self.name = spec["name"]
         self.pid_file = self.layout.unknown_pid_file(self.pid)
         self.leaving: int | None = None
+        self.ran_main = False
         self.folder_changed = False
         self.waiting = False
         self.watch_fd = -1
@@ -384,6 +395,7 @@ class Worker:
             self.report_fd = report_fd
             self.report(f"main {slot} {self.pid}")
         code: object = 0
+        self.ran_main = True
         try:
             code = function(*spec["args"])
         except SystemExit as exc:
