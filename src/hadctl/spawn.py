@@ -74,6 +74,31 @@ class Spawned:
         self.buffer = b""
 
 
+def frame_spec(spec: dict) -> bytes:  # type: ignore[type-arg]
+    """The spec as the worker reads it: its length (8 bytes), then marshal data.
+
+    The worker reads exactly that many bytes rather than up to EOF: a child
+    forked by a main while it spawned a replacement may hold the pipe open.
+    """
+    data = marshal.dumps(spec)
+    return len(data).to_bytes(8, "little") + data
+
+
+def read_spec(fd: int) -> dict:  # type: ignore[type-arg]
+    """Read one framed spec from ``fd`` (see frame_spec); raises EOFError if cut short."""
+    def exactly(count: int) -> bytes:
+        data = b""
+        while len(data) < count:
+            chunk = os.read(fd, count - len(data))
+            if not chunk:
+                raise EOFError("the spec pipe closed early")
+            data += chunk
+        return data
+
+    spec: dict = marshal.loads(exactly(int.from_bytes(exactly(8), "little")))  # type: ignore[type-arg]
+    return spec
+
+
 def worker_environment(spec: dict) -> dict[str, str]:  # type: ignore[type-arg]
     """The environment the worker starts with: ours, plus ``env``, HOME and USER."""
     env = {k: v for k, v in os.environ.items() if k != "HADC_lock_fd" and not k.startswith("HADCTL_WORKER")}
@@ -128,7 +153,7 @@ def _fork_and_read_report(spec: dict, env: dict[str, str]) -> Spawned:  # type: 
     """
     report_read, report_write = os.pipe()
     spec_read, spec_write = os.pipe()
-    payload = marshal.dumps(spec)
+    payload = frame_spec(spec)
     try:
         pid = os.fork()
     except OSError as exc:
@@ -140,7 +165,8 @@ def _fork_and_read_report(spec: dict, env: dict[str, str]) -> Spawned:  # type: 
     os.close(report_write)
     os.close(spec_read)
     try:
-        os.write(spec_write, payload)
+        while payload:
+            payload = payload[os.write(spec_write, payload):]
     except BrokenPipeError:
         pass  # the grandchild died first; its report pipe tells why
     finally:
@@ -310,7 +336,7 @@ def spawn_from_worker(spec: dict) -> int:  # type: ignore[type-arg]
             write_pid_file(os.path.join(spec["pid_dir"], f"unknown-{pid}.pid"), pid)
         except OSError:
             pass  # it will try itself, and report what is wrong with pid_dir
-        os.write(spec_write, marshal.dumps(spec))
+        os.write(spec_write, frame_spec(spec))
     finally:
         for fd in (spec_read, spec_write, log):
             os.close(fd)

@@ -28,8 +28,8 @@ that SIGIO interrupt the wait: their handler raises ``_Wake`` while we wait.
 from __future__ import annotations
 
 import _signal
+import _thread
 import fcntl
-import marshal
 import os
 import sys
 import time
@@ -39,7 +39,7 @@ import hadctl
 from . import backoff
 from . import layout as paths
 from .locks import flock
-from .spawn import spawn_from_worker
+from .spawn import read_spec, spawn_from_worker
 from .log import Log
 
 EX_NOTINSTALLED = 5
@@ -52,14 +52,8 @@ class _Wake(Exception):
 def main() -> None:
     """Entry of the exec'd worker: ``python -c BOOT REPORT_FD SPEC_FD``."""
     report_fd, spec_fd = int(sys.argv[1]), int(sys.argv[2])
-    chunks = []
-    while True:
-        chunk = os.read(spec_fd, 65536)
-        if not chunk:
-            break
-        chunks.append(chunk)
+    spec = read_spec(spec_fd)
     os.close(spec_fd)
-    spec = marshal.loads(b"".join(chunks))
     sys.argv = [spec["name"]]
     worker = Worker(spec, report_fd)
     code = worker.run()
@@ -353,17 +347,34 @@ class Worker:
         except OSError as exc:
             self.log.error(f"cannot spawn a replacement standby: {exc.strerror}")
 
+    def _settle_promotion(self, slot: int, standby_fd: int, settled: _thread.LockType) -> None:
+        """Runs in a short-lived thread as a promoted standby's function starts:
+        record the promotion, spawn the replacement standby, rename the pid file
+        to main-SLOT.pid (restart waits for that), then free the standby slot
+        (in that order: the replacement may take it at once)."""
+        try:
+            self.log.info(f"main #{slot} running {self.spec['entrypoint']} (pid {self.pid}, promoted)")
+            backoff.record_start(self.layout.starts_file)
+            if self.spec["respawn_standby"] and not self._stop_file_exists():
+                self._respawn_standby()
+            self._rename_pid_file(self.layout.pid_file("main", slot))
+            flock.release(standby_fd)
+        except BaseException as exc:  # noqa: BLE001 - a thread must not die silently
+            self.log.error(f"settling the promotion failed: {type(exc).__name__}: {exc}")
+        finally:
+            settled.release()
+
     def _run_main(self, slot: int, fd: int, function, standby_fd: int = -1,  # type: ignore[no-untyped-def]
                   report_fd: int = -1) -> int:
         """Become main of ``slot`` (lock held through ``fd``) and run the function.
 
-        Everything is prepared first; the pid file is renamed to main-SLOT.pid
-        only just before the call, so a restart that waits for that rename
-        knows the new main is (about to be) inside the function. A promoted
-        standby spawns its replacement, then gives up its standby slot.
+        The pid file becomes main-SLOT.pid only as the function starts (just
+        before the call, or, for a promoted standby, in the settling thread
+        beside it), so a restart that waits for that rename knows the new main
+        is in its function. A promoted standby spawns its replacement, then
+        gives up its standby slot.
         """
         spec = self.spec
-        earlier = backoff.record_start(self.layout.starts_file)
         if self.watch_fd >= 0:
             os.close(self.watch_fd)  # ends the dnotify watch
             self.watch_fd = -1
@@ -381,19 +392,28 @@ class Worker:
         else:
             os.register_at_fork(after_in_child=lambda: _close_quietly(fd))
         hadctl._state.update(slot=slot, lock_fd=fd, ready_file=self.layout.ready_file(slot))
-        self.log.info(f"main #{slot} running {spec['entrypoint']} (pid {self.pid})")
-        # A standby becoming main leaves a gap in the pool; so does any process that
-        # finds the main slot free because a main died moments ago (a crash loop).
-        replacing = standby_fd >= 0 or not spec.get("manual", False) or \
-            (bool(earlier) and time.monotonic() - earlier[-1] < spec["start_limit_interval"])
-        if replacing and spec["respawn_standby"] and not self._stop_file_exists():
-            self._respawn_standby()
-        self._rename_pid_file(self.layout.pid_file("main", slot))
+        settled = None
         if standby_fd >= 0:
-            flock.release(standby_fd)
-        if report_fd >= 0:
-            self.report_fd = report_fd
-            self.report(f"main {slot} {self.pid}")
+            # A promoted standby: the kernel just gave it the slot of a main that died,
+            # and every microsecond until the function runs is downtime. Spawning the
+            # replacement standby (~0.5 ms), renaming the pid file and freeing the
+            # standby slot are begun now in a short-lived thread, joined before cleanup.
+            settled = _thread.allocate_lock()
+            settled.acquire()
+            _thread.start_new_thread(self._settle_promotion, (slot, standby_fd, settled))
+        else:
+            # Not promoted: a main died moments ago (a crash loop) if the record says
+            # so; a replacement spawned by a promoted main always refills the pool.
+            earlier = backoff.record_start(self.layout.starts_file)
+            replacing = not spec.get("manual", False) or \
+                (bool(earlier) and time.monotonic() - earlier[-1] < spec["start_limit_interval"])
+            self.log.info(f"main #{slot} running {spec['entrypoint']} (pid {self.pid})")
+            if replacing and spec["respawn_standby"] and not self._stop_file_exists():
+                self._respawn_standby()
+            self._rename_pid_file(self.layout.pid_file("main", slot))
+            if report_fd >= 0:
+                self.report_fd = report_fd
+                self.report(f"main {slot} {self.pid}")
         code: object = 0
         self.ran_main = True
         try:
@@ -406,6 +426,8 @@ class Worker:
             traceback.print_exc()
             code = 1
         finally:
+            if settled is not None:
+                settled.acquire()  # the promotion thread has finished its work
             for stream in (sys.stdout, sys.stderr):
                 try:
                     stream.flush()
