@@ -238,14 +238,12 @@ def _fill(svc: Service, reports: list[SlotReport]) -> int:
 
 def _cut_back_off(svc: Service) -> None:
     """A person (or cron) asked for processes: end a crash-loop back-off wait."""
-    import signal
-
     found = read_pid_file(svc.layout.backoff_file)
     if found is None or found.pid is None or not probe.is_worker_of(found.pid, svc.layout, svc.cfg.name):
         return
     target = probe.open_target(found.pid)
     if target is not None:
-        target.signal(signal.SIGTERM, group=False)
+        target.signal(_signal.SIGTERM, group=False)
         target.exited(svc.cfg.signal_timeout)
         target.close()
         svc.say(f"crash-loop back-off of pid {found.pid} cut short", "OK")
@@ -316,7 +314,7 @@ def _end(svc: Service, targets: list[tuple[SlotReport, probe.Target]], role: Rol
             break
         for target in alive:
             svc.log.trace(f"sending SIG{name} to {role.value} pid {target.pid}{' and its group' if group else ''}")
-            target.signal(int(getattr(__import__("signal").Signals, "SIG" + name)), group)
+            target.signal(getattr(_signal, "SIG" + name), group)
         last = number == len(ladder) - 1
         alive = _still_alive(alive, time.monotonic() + (cfg.signal_timeout if not last else max(cfg.signal_timeout, 1.0)),
                              group)
@@ -354,7 +352,7 @@ def _end_strays(svc: Service, grace: float | None = None) -> None:
     left = _still_alive(targets, deadline, group=False)
     for name in ("TERM", "KILL"):
         for target in left:
-            target.signal(int(getattr(__import__("signal").Signals, "SIG" + name)), group=False)
+            target.signal(getattr(_signal, "SIG" + name), group=False)
         left = _still_alive(left, time.monotonic() + svc.cfg.signal_timeout, group=False)
     for target in targets:
         svc.log.trace(f"starting or backed-off worker {target.pid} ended")
@@ -608,8 +606,6 @@ def _restart_without_standbys(svc: Service, reports: list[SlotReport]) -> Outcom
 
 def reload(cfg: ServiceConfig) -> Outcome:
     """SIGHUP to each main; NotRunningError (7) when no main runs."""
-    import signal
-
     svc = Service(cfg)
     if not os.path.isdir(cfg.pid_dir):
         raise NotRunningError(f"{cfg.name}: no main is running, nothing to reload")
@@ -619,7 +615,7 @@ def reload(cfg: ServiceConfig) -> Outcome:
         if not targets:
             raise NotRunningError(f"{cfg.name}: no main is running, nothing to reload")
         for report, target in targets:
-            target.signal(signal.SIGHUP, group=False)
+            target.signal(_signal.SIGHUP, group=False)
             target.close()
             svc.say(f"main #{report.slot} (pid {report.pid}) sent SIGHUP", "OK")
         return svc.outcome("reload", 0, reports)

@@ -11,7 +11,7 @@ import grp
 import os
 import pwd
 import re
-import signal
+import _signal  # not signal: its enum costs every command milliseconds
 
 from .errors import ConfigError
 from .record import record
@@ -282,7 +282,8 @@ def _signals(value: Any) -> tuple[str, ...]:
     names = []
     for item in value:
         text = _string(item).upper().removeprefix("SIG")
-        if not hasattr(signal.Signals, "SIG" + text) or text in ("STOP", "CONT", "CHLD"):
+        if not text.isalnum() or not isinstance(getattr(_signal, "SIG" + text, None), int) \
+                or text in ("STOP", "CONT", "CHLD", "IGN", "DFL"):
             raise _Refusal(f"unknown or unusable signal {_describe(item)}")
         names.append(text)
     return tuple(names)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import select
-import signal
+import _signal  # not signal: its enum costs every command milliseconds
 import time
 
 from .layout import Layout, PidFile, read_pid_file
@@ -141,18 +141,35 @@ def strays(layout: Layout, name: str) -> list[int]:
 
 def is_worker_of(pid: int, layout: Layout, name: str) -> bool:
     """``is_worker``, and of this service: a worker keeps the folder of its standby
-    stop file open (its dnotify watch) until it is main, so a pid file dropped in
-    pid_dir cannot make us signal another service's worker (issue #6)."""
+    stop file open (its dnotify watch) until it is main, or is the child of a process
+    holding our lock files, so a pid file dropped in pid_dir cannot make us signal
+    another service's worker (issue #6)."""
     if not is_worker(pid, name):
         return False
     folder = os.path.realpath(os.path.dirname(layout.standby_stop_file))
+    if any(target == folder for target in _open_files(pid)):
+        return True
+    # A replacement standby still starting has no such fd yet; its parent, the main
+    # that spawned it (spawn_from_worker), has this service's lock files open.
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            data = handle.read()
+        parent = int(data[data.rfind(b")") + 2:].split()[1])
+    except (OSError, ValueError, IndexError):
+        return False
+    locks = os.path.realpath(layout.lock_path) + os.sep
+    return parent > 1 and any(target.startswith(locks) for target in _open_files(parent))
+
+
+def _open_files(pid: int) -> list[str]:
+    """What the fds of ``pid`` point to (paths, as /proc/PID/fd shows them)."""
+    found = []
     for fd in _listdir(f"/proc/{pid}/fd"):
         try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}") == folder:
-                return True
+            found.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
         except OSError:
             continue
-    return False
+    return found
 
 
 def is_worker(pid: int, name: str) -> bool:
@@ -246,7 +263,7 @@ class Target:
                     pass
             return
         try:
-            signal.pidfd_send_signal(self.pidfd, signum)
+            _signal.pidfd_send_signal(self.pidfd, signum)
         except ProcessLookupError:
             pass
 
