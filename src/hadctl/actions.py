@@ -344,12 +344,16 @@ def _still_alive(targets: list[probe.Target], deadline: float, group: bool) -> l
 def _end_strays(svc: Service, grace: float | None = None) -> None:
     """Workers that hold no slot yet (starting, or in crash-loop back-off) leave by
     themselves once the stop file exists; wait for that, then TERM and KILL."""
-    pids = probe.strays(svc.layout, svc.cfg.name)
-    if not pids:
+    starting: list[int] = []
+    pids = probe.strays(svc.layout, svc.cfg.name, starting)
+    if not pids and not starting:
         return
-    targets = [t for t in (probe.open_target(p) for p in pids) if t is not None]
+    targets = [t for t in (probe.open_target(p) for p in pids + starting) if t is not None]
     deadline = time.monotonic() + (svc.cfg.signal_timeout if grace is None else grace)
     left = _still_alive(targets, deadline, group=False)
+    # Signal only those now known to be ours: a replacement standby still starting
+    # when its main was stopped shows it by now, or is another service's (issue #6).
+    left = [t for t in left if t.pid in pids or probe.is_worker_of(t.pid, svc.layout, svc.cfg.name)]
     for name in ("TERM", "KILL"):
         for target in left:
             target.signal(getattr(_signal, "SIG" + name), group=False)

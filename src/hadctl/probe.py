@@ -127,16 +127,28 @@ def unknown_pid_files(layout: Layout, service: str | None = None) -> list[Stale]
     return found
 
 
-def strays(layout: Layout, name: str) -> list[int]:
+def strays(layout: Layout, name: str, starting: list[int] | None = None) -> list[int]:
     """Live hadctl workers of this service that hold no slot: starting
-    (``unknown-PID.pid``) or waiting out a crash-loop back-off."""
+    (``unknown-PID.pid``) or waiting out a crash-loop back-off. Workers named there
+    that cannot be told yet to be ours (still starting, their main gone) go to
+    ``starting``: they may be waited for, never signalled (issue #6)."""
     found = []
     paths = [os.path.join(layout.pid_dir, n) for n in _listdir(layout.pid_dir) if n.startswith("unknown-")]
     for path in paths + [layout.backoff_file]:
         pid_file = read_pid_file(path)
-        if pid_file is not None and pid_file.pid is not None and is_worker_of(pid_file.pid, layout, name):
+        if pid_file is None or pid_file.pid is None:
+            continue
+        if is_worker_of(pid_file.pid, layout, name):
             found.append(pid_file.pid)
+        elif starting is not None and is_worker(pid_file.pid, name) and _still_starting(pid_file.pid):
+            starting.append(pid_file.pid)
     return found
+
+
+def _still_starting(pid: int) -> bool:
+    """A worker whose interpreter is still starting has no folder (the stop-file watch)
+    and no lock file open yet; any other worker has one of them, of its own service."""
+    return not any(target.endswith(".lock") or os.path.isdir(target) for target in _open_files(pid))
 
 
 def is_worker_of(pid: int, layout: Layout, name: str) -> bool:
