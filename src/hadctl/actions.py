@@ -37,8 +37,10 @@ class Service:
         self.steps.append(Step(what, result, ok))
         self.log.write("INFO" if ok else "ERROR", f"{what} [{result}]")
 
-    def slots(self) -> tuple[list[SlotReport], list[probe.Stale]]:
-        reports, stale = probe.read_slots(self.layout, self.cfg.locks.max_procs, self.cfg.locks.standby_max_procs)
+    def slots(self, holder_probe: flock.HolderProbe | None = None) -> tuple[list[SlotReport], list[probe.Stale]]:
+        """Every expected slot from its lock (``holder_probe`` may be shared between services)."""
+        reports, stale = probe.read_slots(self.layout, self.cfg.locks.max_procs, self.cfg.locks.standby_max_procs,
+                                          holder_probe)
         if not (os.path.isdir(self.layout.lock_path) and os.path.isdir(self.layout.standby_lock_path)):
             # pid_dir (or a lock folder) was removed under running processes (issue #6)
             orphans = {(r.role, r.slot): r for r in probe.orphaned_holders(self.layout)}
@@ -668,10 +670,14 @@ def upgrade(cfg: ServiceConfig) -> Outcome:
         return svc.outcome("upgrade", status, svc.slots()[0])
 
 
-def status(cfg: ServiceConfig) -> Outcome:
-    """Read every expected slot from its lock: 0 all running, 3 none, 1 some."""
+def status(cfg: ServiceConfig, holder_probe: flock.HolderProbe | None = None) -> Outcome:
+    """Read every expected slot from its lock: 0 all running, 3 none, 1 some.
+
+    ``status --all`` passes one ``holder_probe`` for all its services, so
+    /proc/locks is read at most once.
+    """
     svc = Service(cfg)
-    reports, _stale = svc.slots()
+    reports, _stale = svc.slots(holder_probe)
     reports += probe.extra_slots(svc.layout, cfg.locks.max_procs, cfg.locks.standby_max_procs)
     zk_problem = None
     if cfg.locks.engine == "zookeeper":  # issue #7: main slots may be held on other hosts

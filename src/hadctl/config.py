@@ -8,6 +8,7 @@ modules that only need the dataclass stay cheap. Never imported by the worker.
 from __future__ import annotations
 
 import grp
+import math
 import os
 import pwd
 import re
@@ -232,7 +233,7 @@ def _seconds(positive: bool = False) -> Check:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _Refusal(f"expected a number of seconds {bound}, got {_describe(value)}")
         number = float(value)
-        if number != number or number in (float("inf"), float("-inf")) or number > 86400 * 365:
+        if math.isnan(number) or number in (float("inf"), float("-inf")) or number > 86400 * 365:
             raise _Refusal(f"expected a finite number of seconds, got {_describe(value)}")
         if number < 0 or (positive and number == 0):
             raise _Refusal(f"expected a number of seconds {bound}, got {_describe(value)}")

@@ -22,10 +22,8 @@ import os
 from . import actions
 from .config import ServiceConfig, load
 from .errors import ConfigError, HadctlError
-from .layout import Layout
 from .locks.flock import HolderProbe
-from .model import Outcome, SlotReport, Step
-from .probe import read_slots
+from .model import Outcome, Step
 
 SUMMARY_ACTION = "status --all"
 RESULTS = {0: "Running", 1: "Partly Running", 3: "Not Running"}
@@ -89,34 +87,10 @@ def status_all(folder: str) -> tuple[list[Outcome], int]:
 
 
 def _service_status(cfg: ServiceConfig, holder_probe: HolderProbe) -> Outcome:
-    """What ``hadctl -c FILE status`` says.
-
-    The common case (flock slots, no crash-loop back-off under way) reads the
-    slots through the shared probe, which gives the same lines as
-    ``actions.status``; anything else (ZooKeeper slots, a back-off to report)
-    is left to ``actions.status`` itself, at the price of its own probe.
-    """
-    layout = Layout(cfg.pid_dir, cfg.locks.path, cfg.locks.standby_path, cfg.standby_stop_file)
-    if cfg.locks.engine != "flock" or os.path.lexists(layout.backoff_file):
-        outcome = actions.status(cfg)
-    else:
-        reports, _stale = read_slots(layout, cfg.locks.max_procs, cfg.locks.standby_max_procs, holder_probe)
-        outcome = Outcome(cfg.name, "status", actions.status_code(reports), _steps(reports),
-                          tuple(reports), cfg.log_file)
+    """What ``hadctl -c FILE status`` says, through the shared probe, plus the file's path."""
+    outcome = actions.status(cfg, holder_probe)
     return Outcome(outcome.name, outcome.action, outcome.exit_status, outcome.steps, outcome.slots,
                    outcome.log_file, {**(outcome.detail or {}), "config_file": cfg.config_file})
-
-
-def _steps(reports: list[SlotReport]) -> tuple[Step, ...]:
-    """The lines of ``status``: Running with the pid, or Not Running; stale pid files named."""
-    steps = []
-    for report in reports:
-        stale = f" (stale: {'; '.join(report.stale)})" if report.stale else ""
-        if report.running:
-            steps.append(Step(f"{report.label} (pid {report.pid}){stale}", "Running", True))
-        else:
-            steps.append(Step(f"{report.label}{stale}", "Not Running", False))
-    return tuple(steps)
 
 
 def _broken(path: str, exc: HadctlError) -> Outcome:
