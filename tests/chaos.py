@@ -49,7 +49,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT / "src") not in sys.path:  # run as a script: find hadctl and the test services
     sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 
+import support  # noqa: E402 - tests/support.py (this file's folder)
 from hadctl.layout import Layout  # noqa: E402
+from support import describe, is_alive  # noqa: E402
 from hadctl.model import Role  # noqa: E402
 from hadctl.probe import read_slots  # noqa: E402
 
@@ -70,29 +72,7 @@ WEIGHTS = {
 
 def marked_processes(marker: str, variable: str = MARKER_VARIABLE) -> list[int]:
     """Live (non-zombie) processes whose environment holds ``variable=marker``."""
-    needle = f"{variable}={marker}".encode()
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{name}/environ", "rb") as handle:
-                if needle not in handle.read().split(b"\0"):
-                    continue
-        except OSError:
-            continue
-        if is_alive(int(name)):
-            found.append(int(name))
-    return found
-
-
-def is_alive(pid: int) -> bool:
-    """True for a running, sleeping or stopped process; a zombie is dead."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            return handle.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
-    except OSError:
-        return False
+    return support.marked_processes(variable, marker)
 
 
 def state_of(pid: int) -> str:
@@ -101,15 +81,6 @@ def state_of(pid: int) -> str:
             return handle.read().rsplit(b")", 1)[1].split()[0].decode()
     except OSError:
         return "gone"
-
-
-def describe(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            command = handle.read().replace(b"\0", b" ").decode(errors="replace").strip()
-        return f"{pid} {command[:90]}"
-    except OSError:
-        return str(pid)
 
 
 def lock_holders(pids: list[int], folders: dict[str, str],

@@ -11,57 +11,24 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 
+from support import describe, is_alive, marked_processes, wait_until  # noqa: F401 - re-exported to tests
+
 ROOT = Path(__file__).resolve().parent.parent
 HADCTL = [sys.executable, "-m", "hadctl"]
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition",
-               interval: float = 0.005) -> Any:
-    """Poll ``predicate`` until truthy; on timeout fail with the last value seen."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        last = predicate()
-        if last:
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}; last saw {last!r}")
-        time.sleep(interval)  # the poll step of wait_until, never a synchronisation by itself
-
-
 def _marked_processes(marker: str) -> list[int]:
-    found = []
-    needle = f"HADCTL_TEST_ID={marker}".encode()
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{name}/environ", "rb") as handle:
-                if needle not in handle.read().split(b"\0"):
-                    continue
-            with open(f"/proc/{name}/stat", "rb") as handle:
-                state = handle.read().rsplit(b")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state not in (b"Z", b"X"):
-            found.append(int(name))
-    return found
+    return marked_processes("HADCTL_TEST_ID", marker)
 
 
-def _describe(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            command = handle.read().replace(b"\0", b" ").decode(errors="replace").strip()
-            return f"{pid} {command[:100]}"
-    except OSError:
-        return str(pid)
+_describe = describe
+pid_alive = is_alive
 
 
 @pytest.fixture(autouse=True)
@@ -155,13 +122,13 @@ def _toml(table: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-@pytest.fixture
-def service(tmp_path: Path) -> Any:
-    """A factory: ``service(**settings)`` writes a config under tmp_path; stopped at teardown."""
+def make_services(tmp_path: Path, naming: Callable[[int], str]) -> Any:
+    """Body of a fixture: yields a factory ``make(**settings)`` that writes a config in
+    a new folder ``tmp_path/naming(i)``; every service made is stopped at teardown."""
     made: list[Service] = []
 
     def make(**settings: Any) -> Service:
-        folder = tmp_path / f"s{len(made)}"
+        folder = tmp_path / naming(len(made))
         folder.mkdir()
         svc = Service(folder, **settings)
         made.append(svc)
@@ -172,9 +139,7 @@ def service(tmp_path: Path) -> Any:
         svc.stop()
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            return handle.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
-    except OSError:
-        return False
+@pytest.fixture
+def service(tmp_path: Path) -> Any:
+    """A factory: ``service(**settings)`` writes a config under tmp_path; stopped at teardown."""
+    yield from make_services(tmp_path, lambda index: f"s{index}")

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from conftest import HADCTL, ROOT, Service, pid_alive, wait_until
+from conftest import HADCTL, ROOT, Service, make_services, pid_alive, wait_until
 
 import hadctl
 from hadctl import cli, config, initfile
@@ -57,18 +57,7 @@ def split_units(text: str) -> dict[str, str]:
 @pytest.fixture
 def odd_service(tmp_path: Path) -> Any:
     """A service whose every path has a space, quotes, $ and % in it; stopped at teardown."""
-    made: list[Service] = []
-
-    def make(**settings: Any) -> Service:
-        folder = tmp_path / f"it's \"odd\" $HOME %p {len(made)}"
-        folder.mkdir()
-        svc = Service(folder, **settings)
-        made.append(svc)
-        return svc
-
-    yield make
-    for svc in made:
-        svc.stop()
+    yield from make_services(tmp_path, lambda index: f"it's \"odd\" $HOME %p {index}")
 
 
 # ------------------------------------------------------------------ get-init-file

@@ -61,6 +61,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # tests/: the helpers shared with the test suite
+import support  # noqa: E402
+from support import describe, is_alive  # noqa: E402
 PY = sys.executable
 _CLI = Path(PY).parent / "hadctl"
 HADCTL = [str(_CLI)] if _CLI.exists() else [PY, "-m", "hadctl"]
@@ -121,15 +124,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.002) -> Any:
     """Poll ``predicate`` (for preconditions, never for a timed figure)."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        last = predicate()
-        if last:
-            return last
-        if time.monotonic() > deadline:
-            raise BenchError(f"timed out after {timeout:g} s waiting for {what}; last saw {last!r}")
-        time.sleep(interval)
+    return support.wait_until(predicate, timeout, what, interval, error=BenchError)
 
 
 class Inotify:
@@ -192,11 +187,6 @@ def proc_state(pid: int) -> str | None:
     return data[data.rfind(b")") + 2:].split()[0].decode()
 
 
-def is_alive(pid: int | None) -> bool:
-    """A zombie has exited: it counts as dead (PID 1 may reap it late)."""
-    return pid is not None and proc_state(pid) not in (None, "Z", "X")
-
-
 def blocked_in_flock_on(pid: int, lock_file: str) -> bool:
     """True when ``pid``'s only thread is blocked in flock() on ``lock_file``."""
     try:
@@ -254,29 +244,7 @@ def pidfd_exited(pidfd: int) -> bool:
 
 def marked_processes() -> list[int]:
     """Live processes started by this run (they carry HADCTL_BENCH_ID in their environment)."""
-    needle = f"HADCTL_BENCH_ID={BENCH_ID}".encode()
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{name}/environ", "rb") as handle:
-                if needle not in handle.read().split(b"\0"):
-                    continue
-        except OSError:
-            continue
-        if is_alive(int(name)):
-            found.append(int(name))
-    return found
-
-
-def describe(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            command = handle.read().replace(b"\0", b" ").decode(errors="replace").strip()
-        return f"{pid} {command[:100]}"
-    except OSError:
-        return str(pid)
+    return support.marked_processes("HADCTL_BENCH_ID", BENCH_ID)
 
 
 def loadavg() -> list[float]:
