@@ -371,7 +371,9 @@ def _stop_standbys(svc: Service, reports: list[SlotReport], quiet_lines: bool = 
                    targets: list[tuple[SlotReport, probe.Target]] | None = None) -> list[SlotReport]:
     targets = _targets(reports, Role.STANDBY) if targets is None else targets
     survivors = _end(svc, targets, Role.STANDBY)
-    for report, _t in targets:
+    # Every standby that held a slot, including those already gone (the stop file
+    # made them leave before their pidfd could be opened).
+    for report in [r for r in reports if r.role is Role.STANDBY and r.running]:
         if report in survivors:
             svc.say(f"standby #{report.slot} (pid {report.pid}) survived TERM and KILL", "Failed", ok=False)
         elif not quiet_lines:
@@ -432,15 +434,20 @@ def stop(cfg: ServiceConfig) -> Outcome:
 
 def _stop_locked(svc: Service) -> Outcome:
     cfg = svc.cfg
+
+    def read() -> list[SlotReport]:
+        return svc.slots()[0] + probe.extra_slots(svc.layout, cfg.locks.max_procs, cfg.locks.standby_max_procs)
+
+    reports = read()  # before the stop file: standbys leave on it, and each is named as Stopped
     try:
         _touch(cfg.standby_stop_file)
     except OSError as exc:
         svc.say(f"cannot create standby stop file {cfg.standby_stop_file}: {exc.strerror}", "Failed", ok=False)
     stopped_any = False
     survivors: list[SlotReport] = []
-    for _round in range(5):  # a respawn racing us is caught on the next round
-        reports, stale = svc.slots()
-        reports += probe.extra_slots(svc.layout, cfg.locks.max_procs, cfg.locks.standby_max_procs)
+    for round_ in range(5):  # a respawn racing us is caught on the next round
+        if round_:
+            reports = read()
         if not any(r.running for r in reports):
             break
         stopped_any = True
@@ -453,7 +460,7 @@ def _stop_locked(svc: Service) -> Outcome:
         targets = _targets(reports, Role.MAIN)
         survivors = _end(svc, targets, Role.MAIN)
         survivors += _stop_standbys(svc, reports, targets=standbys)
-        for report, _t in targets:
+        for report in [r for r in reports if r.role is Role.MAIN and r.running]:
             if report not in survivors:
                 svc.say(f"main #{report.slot} (pid {report.pid})", "Stopped")
     _end_strays(svc)
