@@ -246,3 +246,24 @@ def test_status_json_is_machine_readable(service):
     assert data["name"] == "svc" and data["exit_status"] == 3
     assert [(s["role"], s["slot"], s["running"], s["pid"]) for s in data["slots"]] == [
         ("main", 1, False, None), ("standby", 1, False, None)]
+
+
+def test_lock_fd_kept_across_exec_still_fails_over(service):
+    # Regression (review of #2/#8): with the lock fd inheritable, the replacement
+    # standby a promoted main spawned inherited it and then waited on its own lock.
+    svc = service(reset_close_on_exec_main_lock_fd=True, start_limit_burst=100)
+    svc.run("start", check=True)
+    for _ in range(2):
+        main, standby = svc.pid_of("main"), svc.pid_of("standby")
+        os.kill(main, signal.SIGKILL)
+        wait_until(lambda: svc.holders("main") == [standby] and len(svc.holders("standby")) == 1, 5,
+                   "the standby promoted and a new standby waiting")
+
+
+def test_foreground_reports_user_errors_as_the_service_s(service):
+    svc = service(entrypoint="tests.services.broken:serve")
+    result = svc.run("foreground")
+    assert result.returncode == 5 and "broken on purpose" in result.stderr and "internal error" not in result.stderr
+    svc.write(**{**svc.settings, "entrypoint": "tests.services.basic:crash"})
+    result = svc.run("foreground")
+    assert result.returncode == 1 and "crashed on purpose" in result.stderr and "internal error" not in result.stderr

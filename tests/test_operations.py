@@ -212,3 +212,9 @@ def test_a_stop_racing_ten_forks_leaves_nothing_running(service):
     assert stop.returncode == 0, stop.stderr
     assert svc.holders("main") == [] and svc.holders("standby") == []
     assert not list(svc.pid_dir.glob("*.pid"))
+
+
+def test_upgrade_without_a_main_exits_1(service, tmp_path):
+    svc = service(main_upgrade_file=str(tmp_path / "upgrade-%p"))
+    result = svc.run("upgrade", check=1)
+    assert "no main is running" in result.stderr

@@ -171,7 +171,7 @@ def _stop_orphans(svc: Service, reports: list[SlotReport]) -> Outcome:
     without the control lock and the stop file, which were in the removed pid_dir."""
     svc.say(f"{svc.cfg.pid_dir} is gone, yet {len(reports)} processes hold its deleted lock files", "Found")
     survivors = _stop_standbys(svc, reports)
-    targets = _targets(reports, Role.MAIN)
+    targets = _targets(svc, reports, Role.MAIN)
     survivors += _end(svc, targets, Role.MAIN)
     for report, _t in targets:
         if report not in survivors:
@@ -277,14 +277,23 @@ def _remove(path: str) -> None:
         pass
 
 
-def _targets(reports: list[SlotReport], role: Role) -> list[tuple[SlotReport, probe.Target]]:
-    """Open a pidfd on each holder of a ``role`` slot (checked a moment ago by its lock)."""
+def _targets(svc: Service, reports: list[SlotReport], role: Role) -> list[tuple[SlotReport, probe.Target]]:
+    """A pidfd on each holder of a ``role`` slot, opened first and then checked once
+    more against the slot's lock: from then on the pidfd names a process that held
+    the slot, so a pid that died and was reused meanwhile is never signalled. (A slot
+    whose lock file was deleted under it was found through its holder's fds just now.)"""
     found = []
     for report in reports:
         if report.role is role and report.pid is not None:
             target = probe.open_target(report.pid)
-            if target is not None:
-                found.append((report, target))
+            if target is None:
+                continue
+            path = svc.layout.lock_file(role.value, report.slot)
+            if os.path.exists(path) and not flock.holds_path(report.pid, path):
+                svc.log.warn(f"pid {report.pid} no longer holds {report.label}: not signalled")
+                target.close()
+                continue
+            found.append((report, target))
     return found
 
 
@@ -343,13 +352,14 @@ def _still_alive(targets: list[probe.Target], deadline: float, group: bool) -> l
     return alive
 
 
-def _end_strays(svc: Service, grace: float | None = None) -> None:
+def _end_strays(svc: Service, grace: float | None = None) -> int:
     """Workers that hold no slot yet (starting, or in crash-loop back-off) leave by
-    themselves once the stop file exists; wait for that, then TERM and KILL."""
+    themselves once the stop file exists; wait for that, then TERM and KILL.
+    Returns how many of ours survived."""
     starting: list[int] = []
     pids = probe.strays(svc.layout, svc.cfg.name, starting)
     if not pids and not starting:
-        return
+        return 0
     targets = [t for t in (probe.open_target(p) for p in pids + starting) if t is not None]
     deadline = time.monotonic() + (svc.cfg.signal_timeout if grace is None else grace)
     left = _still_alive(targets, deadline, group=False)
@@ -365,11 +375,28 @@ def _end_strays(svc: Service, grace: float | None = None) -> None:
         target.close()
     for target in left:
         svc.say(f"worker {target.pid} (holding no slot) survived TERM and KILL", "Failed", ok=False)
+    return len(left)
+
+
+def _refresh_standbys_stop(svc: Service, reports: list[SlotReport]) -> list[SlotReport]:
+    """First half of refreshing the standbys (restart, upgrade): make the standbys
+    leave (stop file, so none is spawned meanwhile, and TERM), then remove the stop
+    file. Returns the standbys that survived."""
+    path = svc.cfg.standby_stop_file
+    try:
+        _touch(path)
+    except PermissionError as exc:
+        raise NotPermittedError(f"cannot create standby stop file {path}: {exc.strerror}") from exc
+    except OSError as exc:
+        raise ActionFailedError(f"cannot create standby stop file {path}: {exc.strerror}") from exc
+    survivors = _stop_standbys(svc, reports, quiet_lines=True)
+    _remove(path)
+    return survivors
 
 
 def _stop_standbys(svc: Service, reports: list[SlotReport], quiet_lines: bool = False,
                    targets: list[tuple[SlotReport, probe.Target]] | None = None) -> list[SlotReport]:
-    targets = _targets(reports, Role.STANDBY) if targets is None else targets
+    targets = _targets(svc, reports, Role.STANDBY) if targets is None else targets
     survivors = _end(svc, targets, Role.STANDBY)
     # Every standby that held a slot, including those already gone (the stop file
     # made them leave before their pidfd could be opened).
@@ -454,16 +481,16 @@ def _stop_locked(svc: Service) -> Outcome:
         # TERM the standbys first, but wait for them together with the mains: a
         # standby takes a few ms to leave, and one that grabs a main slot meanwhile
         # kills itself before running any code (it was asked to leave).
-        standbys = _targets(reports, Role.STANDBY)
+        standbys = _targets(svc, reports, Role.STANDBY)
         for _report, target in standbys:
             target.signal(_signal.SIGTERM, group=False)
-        targets = _targets(reports, Role.MAIN)
+        targets = _targets(svc, reports, Role.MAIN)
         survivors = _end(svc, targets, Role.MAIN)
         survivors += _stop_standbys(svc, reports, targets=standbys)
         for report in [r for r in reports if r.role is Role.MAIN and r.running]:
             if report not in survivors:
                 svc.say(f"main #{report.slot} (pid {report.pid})", "Stopped")
-    _end_strays(svc)
+    strays_left = _end_strays(svc)
     reports, stale = svc.slots()
     reports += probe.extra_slots(svc.layout, cfg.locks.max_procs, cfg.locks.standby_max_procs)
     _clean_stale(svc, stale)
@@ -476,7 +503,7 @@ def _stop_locked(svc: Service) -> Outcome:
         _remove(svc.layout.starts_file)  # a clean stop ends any crash-loop history
     if not stopped_any:
         svc.say("Not Running", "OK")
-    return svc.outcome("stop", 1 if running else 0, reports)
+    return svc.outcome("stop", 1 if running or strays_left else 0, reports)
 
 
 def hard_restart(cfg: ServiceConfig) -> Outcome:
@@ -508,10 +535,7 @@ def restart(cfg: ServiceConfig) -> Outcome:
             _remove(cfg.standby_stop_file)
             return _start_locked(svc, "restart")
         _clean_stale(svc, stale)
-        _touch(cfg.standby_stop_file)
-        survivors = _stop_standbys(svc, reports, quiet_lines=True)
-        _remove(cfg.standby_stop_file)
-        if survivors:
+        if _refresh_standbys_stop(svc, reports):
             return svc.outcome("restart", 1, svc.slots()[0])
         if cfg.locks.standby_max_procs == 0:
             return _restart_without_standbys(svc, reports)
@@ -522,11 +546,9 @@ def restart(cfg: ServiceConfig) -> Outcome:
         for report in [r for r in reports if r.role is Role.MAIN and r.running]:
             if not _hand_over(svc, report):
                 return svc.outcome("restart", 1, svc.slots()[0])
-        time_left = time.monotonic() + SPAWN_TIMEOUT
         reports = svc.slots()[0]
-        status = _fill(svc, [r for r in reports if r.role is Role.STANDBY or not r.running]) \
-            if time.monotonic() < time_left else 1
-        return svc.outcome("restart", status, svc.slots()[0])
+        status = _fill(svc, [r for r in reports if r.role is Role.STANDBY or not r.running])
+        return svc.outcome("restart", min(status, 1), svc.slots()[0])  # SPEC: restart exits 0 or 1
 
 
 def _hand_over(svc: Service, report: SlotReport) -> bool:
@@ -536,7 +558,7 @@ def _hand_over(svc: Service, report: SlotReport) -> bool:
     cfg = svc.cfg
     watch = FolderWatch(cfg.pid_dir)
     try:
-        targets = _targets([report], Role.MAIN)
+        targets = _targets(svc, [report], Role.MAIN)
         if not targets:  # it left on its own meanwhile
             pass
         elif _end(svc, targets, Role.MAIN):
@@ -608,7 +630,7 @@ def _wait_for_ready(svc: Service, watch: "object", slot: int, pid: int, deadline
 def _restart_without_standbys(svc: Service, reports: list[SlotReport]) -> Outcome:
     """With no standby slots a gap is unavoidable: stop each main, start a new one."""
     for report in [r for r in reports if r.role is Role.MAIN and r.running]:
-        if _end(svc, _targets([report], Role.MAIN), Role.MAIN):
+        if _end(svc, _targets(svc, [report], Role.MAIN), Role.MAIN):
             svc.say(f"main #{report.slot} (pid {report.pid}) did not stop; restart stopped there", "Failed", ok=False)
             return svc.outcome("restart", 1, svc.slots()[0])
         status = _fill(svc, [r for r in svc.slots()[0] if r.role is Role.MAIN])
@@ -624,7 +646,7 @@ def reload(cfg: ServiceConfig) -> Outcome:
         raise NotRunningError(f"{cfg.name}: no main is running, nothing to reload")
     with _control(svc):
         reports, _stale = svc.slots()
-        targets = _targets(reports, Role.MAIN)
+        targets = _targets(svc, reports, Role.MAIN)
         if not targets:
             raise NotRunningError(f"{cfg.name}: no main is running, nothing to reload")
         for report, target in targets:
@@ -648,19 +670,28 @@ def upgrade(cfg: ServiceConfig) -> Outcome:
         reports, _stale = svc.slots()
         mains = [r for r in reports if r.role is Role.MAIN and r.running]
         if not mains:
-            raise NotRunningError(f"{cfg.name}: no main is running, nothing to upgrade")
-        _touch(cfg.standby_stop_file)
-        survivors = _stop_standbys(svc, reports, quiet_lines=True)
-        _remove(cfg.standby_stop_file)
-        if survivors or _fill(svc, [r for r in svc.slots()[0] if r.role is Role.STANDBY]) != 0:
+            raise ActionFailedError(f"{cfg.name}: no main is running, nothing to upgrade")
+        if _refresh_standbys_stop(svc, reports) or \
+                _fill(svc, [r for r in svc.slots()[0] if r.role is Role.STANDBY]) != 0:
             return svc.outcome("upgrade", 1, svc.slots()[0])
         status = 0
         timeout = cfg.upgrade_timeout if cfg.upgrade_timeout is not None else cfg.kill_timeout
         for report in mains:
             path = cfg.main_upgrade_file.replace("%p", str(report.pid))
-            watch = FolderWatch(os.path.dirname(path), 0x200 | IN_DELETE_SELF)  # IN_DELETE
             try:
-                _touch(path)
+                watch = FolderWatch(os.path.dirname(path), 0x200 | IN_DELETE_SELF)  # IN_DELETE
+            except OSError as exc:
+                svc.say(f"main #{report.slot}: cannot watch {os.path.dirname(path)}: {exc.strerror}", "Failed",
+                        ok=False)
+                status = 1
+                continue
+            try:
+                try:
+                    _touch(path)
+                except OSError as exc:
+                    svc.say(f"main #{report.slot}: cannot create {path}: {exc.strerror}", "Failed", ok=False)
+                    status = 1
+                    continue
                 deadline = time.monotonic() + timeout
                 while os.path.exists(path) and time.monotonic() < deadline:
                     select.select([watch.fd], [], [], max(0.0, deadline - time.monotonic()))
@@ -744,7 +775,7 @@ def foreground(cfg: ServiceConfig) -> int:
         value: object = import_module(module_name)
         for part in attribute.split("."):
             value = getattr(value, part)
-    except (ImportError, AttributeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever the user's module raises on import
         raise NotInstalledError(f"cannot import {cfg.entrypoint}: {type(exc).__name__}: {exc}") from exc
     if not callable(value):
         raise NotInstalledError(f"cannot run {cfg.entrypoint}: not callable")
@@ -752,6 +783,11 @@ def foreground(cfg: ServiceConfig) -> int:
         code = value(*cfg.args)
     except SystemExit as exc:
         code = exc.code
+    except Exception:  # noqa: BLE001 - the service's own failure, as a main reports it
+        import traceback
+
+        traceback.print_exc()
+        return 1
     if code is None:
         return 0
     if isinstance(code, int) and not isinstance(code, bool):

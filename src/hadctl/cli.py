@@ -62,7 +62,7 @@ def _config(ctx: click.Context) -> Any:
     return load(_config_path(ctx))
 
 
-def _simple(name: str, help_text: str, action_name: str) -> None:
+def _simple(name: str, help_text: str) -> None:
     @main.command(name, help=help_text)
     @click.pass_context
     def command(ctx: click.Context) -> int:
@@ -71,19 +71,19 @@ def _simple(name: str, help_text: str, action_name: str) -> None:
 
 _simple("start", "Remove the standby stop file and spawn the missing mains, then standbys; wait until each "
         "reports its role. Exit 0 when all run (or already ran), 1 on failure, 5 when the entrypoint "
-        "cannot be imported.", "start")
+        "cannot be imported.")
 _simple("stop", "Touch the standby stop file, stop the standbys, then stop each main: main_stop_file, then "
         "each signal of stop_signals with its timeout (its process group too with kill_mode = \"group\"). "
-        "Exit 0 when nothing runs any more, 1 when something survived.", "stop")
+        "Exit 0 when nothing runs any more, 1 when something survived.")
 _simple("restart", "Zero-downtime restart: replace the standbys (they import the new code), then stop the "
         "mains one at a time, each time waiting until a standby holds the freed slot, then refill "
-        "the standbys. Exit 1 naming the slot that failed.", "restart")
-_simple("hard-restart", "Stop, then start (also spelled hard_restart).", "hard_restart")
+        "the standbys. Exit 1 naming the slot that failed.")
+_simple("hard-restart", "Stop, then start (also spelled hard_restart).")
 _simple("fork", "For cron: exit 1 if the standby stop file exists, else spawn whatever main or standby "
-        "slot is missing. Silent under quiet = true unless something fails.", "fork")
-_simple("reload", "Send SIGHUP to each main. Exit 7 when no main runs.", "reload")
+        "slot is missing. Silent under quiet = true unless something fails.")
+_simple("reload", "Send SIGHUP to each main. Exit 7 when no main runs.")
 _simple("upgrade", "Refresh the standbys, then touch main_upgrade_file (%p -> pid) for each main and wait "
-        "upgrade_timeout for the main to remove it.", "upgrade")
+        "upgrade_timeout for the main to remove it.")
 
 
 @main.command("status")

@@ -2,7 +2,7 @@
 
 Owns every key of the contract (SPEC "Configuration"), their types and defaults.
 Each refusal is one ``ConfigError`` naming the file, the key and the problem.
-Imports errors and model only; tomllib is imported inside ``load`` so that
+Imports errors and record only; tomllib is imported inside ``load`` so that
 modules that only need the dataclass stay cheap. Never imported by the worker.
 """
 from __future__ import annotations
@@ -124,7 +124,6 @@ class ServiceConfig:
         """The plain dict (marshal-able) a spawned worker needs; see worker.py."""
         locks = self.locks
         return {
-            "config_file": self.config_file,
             "name": self.name,
             "entrypoint": self.entrypoint,
             "args": list(self.args),
@@ -148,7 +147,6 @@ class ServiceConfig:
             "start_limit_interval": self.start_limit_interval,
             "restart_backoff_max": self.restart_backoff_max,
             "warmup": self.warmup,
-            "ready_timeout": self.ready_timeout,
             "uid": self.identity.uid,
             "gid": self.identity.gid,
             "user": self.identity.user,
@@ -535,5 +533,4 @@ def load(path: str) -> ServiceConfig:
     top["identity"] = _identity(path, top)
     top.setdefault("standby_stop_file", os.path.join(pid_dir, "standby-stop-file"))
     top["pid_dir"] = pid_dir
-    top["log_file"] = _resolve(base, top["log_file"])
     return ServiceConfig(config_file=path, locks=LocksConfig(**locks), init=InitConfig(**init), **top)

@@ -6,7 +6,7 @@ standby stop file. hadctl adds ``hadctl.lock`` (controllers take turns on it),
 ``main-<slot>.ready`` (readiness) and ``hadctl-starts`` (crash-loop record).
 
 Takes plain strings, not ServiceConfig, because the spawned worker uses it and
-must stay small (no dataclasses). Imports errors only.
+must stay small (no dataclasses). Imports nothing from hadctl.
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ ended up on the report pipe, one line: ``standby 2 PID``, ``main 1 PID``,
 
 A forked child never returns into its caller: its body ends in ``os._exit()``
 and a failure goes to the report pipe, never to logging.
-Imports errors only (and the standard library). The worker imports it at its
+Imports errors and layout only (and the standard library). The worker imports it at its
 start, for the replacement standby a promoted main spawns: so ``_signal``, not
 ``signal`` (whose enum costs a promoting standby milliseconds to import).
 """
@@ -101,7 +101,7 @@ def read_spec(fd: int) -> dict:  # type: ignore[type-arg]
 
 def worker_environment(spec: dict) -> dict[str, str]:  # type: ignore[type-arg]
     """The environment the worker starts with: ours, plus ``env``, HOME and USER."""
-    env = {k: v for k, v in os.environ.items() if k != "HADC_lock_fd" and not k.startswith("HADCTL_WORKER")}
+    env = {k: v for k, v in os.environ.items() if k != "HADC_lock_fd"}
     env.update(spec["env"])
     if spec["user"] is not None:
         env["USER"] = env["LOGNAME"] = spec["user"]
@@ -308,15 +308,16 @@ def _exec_worker(env: dict[str, str], report_fd: int, spec_fd: int) -> None:
 # ---------------------------------------------------------------- from a main
 
 
-def spawn_from_worker(spec: dict) -> int:  # type: ignore[type-arg]
+def spawn_from_worker(spec: dict, close: tuple[int, ...] = ()) -> int:  # type: ignore[type-arg]
     """Start a standby from a promoted main, without delaying the main.
 
     posix_spawn (vfork-fast) with setsid: the new process already has the
     worker's identity, umask and folder, so only stdio and the spec pipe are
-    set up. Nobody reads its report. Returns its pid.
+    set up, and the fds in ``close`` are closed in it (the main lock fd, when
+    reset_close_on_exec_main_lock_fd made it inheritable: a standby holding its
+    main's lock would wait for itself). Nobody reads its report. Returns its pid.
     """
     spec_read, spec_write = os.pipe()
-    os.set_inheritable(spec_read, False)
     log = os.open(spec["log_file"], os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         actions = [
@@ -324,7 +325,7 @@ def spawn_from_worker(spec: dict) -> int:  # type: ignore[type-arg]
             (os.POSIX_SPAWN_DUP2, log, 1),
             (os.POSIX_SPAWN_DUP2, log, 2),
             (os.POSIX_SPAWN_DUP2, spec_read, 3),
-        ]
+        ] + [(os.POSIX_SPAWN_CLOSE, fd) for fd in close if fd > 3]
         env = {k: v for k, v in os.environ.items() if k != "HADC_lock_fd"}
         pid = os.posix_spawn(sys.executable, [sys.executable, "-c", BOOT, "-1", "3"], env,
                              file_actions=actions, setsid=True,

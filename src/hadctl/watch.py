@@ -1,9 +1,9 @@
-"""Wake on a file appearing in a folder, through inotify, without polling.
+"""Wake on a file appearing in (or leaving) a folder, through inotify, without polling.
 
-A waiting standby must leave within 100 ms of the standby stop file appearing,
-yet wake up zero times a second while it waits: inotify gives both. Python's
-standard library has no inotify, so this calls libc through ctypes (already
-paid for by the lock waiter). Imports nothing from hadctl.
+Controllers use it: ``restart`` waits for the new main's pid file, ``upgrade``
+for a main to remove its upgrade file. (A waiting standby watches the stop
+file with dnotify instead, which needs no ctypes.) Python's standard library
+has no inotify, so this calls libc through ctypes. Imports nothing from hadctl.
 """
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import ctypes
 import os
 import struct
 
-IN_MODIFY = 0x00000002
 IN_ATTRIB = 0x00000004
 IN_CLOSE_WRITE = 0x00000008
 IN_MOVED_TO = 0x00000080

@@ -9,8 +9,8 @@ plain dict, see ServiceConfig.worker_spec) read from a pipe. In order:
   3. take a free main slot (``max_procs`` down to 1), else a standby slot,
      else report ``noslot`` and leave; rename the pid file to match;
   4. report the role on the report pipe (the controller is waiting for it);
-  5. as a standby, block in the kernel on every main slot at once, and on an
-     inotify watch of the stop file and on our signals: no wake-ups while idle;
+  5. as a standby, block in the kernel on every main slot at once, and on a
+     dnotify watch of the stop file and on our signals: no wake-ups while idle;
   6. as main: drop the standby slot, spawn a replacement standby, point
      stdout/stderr at stdout_file/stderr_file, export HADC_lock_fd, call the
      function; on return remove the pid file and release the slot.
@@ -149,6 +149,10 @@ class Worker:
             return zookeeper.run_worker(self, function, _Wake)
         mains = [(s, self.layout.lock_file("main", s)) for s in range(spec["max_procs"], 0, -1)]
         taken = flock.take_first_free(mains, self.pid)
+        if taken is not None and self._stop_file_exists():  # a stop began as we took the slot
+            flock.release(taken[1])
+            self.report(f"stopfile {self.pid}")
+            return 0
         if taken is not None:
             self.report_fd, report_fd = -1, self.report_fd  # report once the pid file is renamed
             return self._run_main(taken[0], taken[1], function, report_fd=report_fd)
@@ -342,7 +346,9 @@ class Worker:
     def _respawn_standby(self) -> None:
         """Refill the standby pool at once, without delaying our own start."""
         try:
-            child = spawn_from_worker({**self.spec, "manual": False})
+            lock_fd = hadctl._state.get("lock_fd")
+            child = spawn_from_worker({**self.spec, "manual": False},
+                                      close=(lock_fd,) if isinstance(lock_fd, int) else ())
             self.log.trace(f"spawned replacement standby {child}")
         except OSError as exc:
             self.log.error(f"cannot spawn a replacement standby: {exc.strerror}")

@@ -176,7 +176,7 @@ def lock_file_pid(path: str) -> int | None:
         return None
     finally:
         os.close(fd)
-    return int(text) if text.isdigit() and 1 < int(text) <= 4194304 else None
+    return int(text) if text.isdigit() and 1 < int(text) <= 4194304 else None  # layout.PID_MAX
 
 
 def _file_key(dev: int, ino: int) -> tuple[int, int, int]:
@@ -241,6 +241,23 @@ def _is_free(path: str) -> bool:
     return True
 
 
+def _search_holder(key: tuple[int, int, int]) -> int | None:
+    """The process holding the flock on file ``key``, by reading every process's fdinfo."""
+    for name in os.listdir("/proc"):
+        if name.isdigit() and holds(int(name), key):
+            return int(name)
+    return None
+
+
+def holds_path(pid: int, path: str) -> bool:
+    """True when ``pid`` holds the flock on the file at ``path``."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return holds(pid, _file_key(st.st_dev, st.st_ino))
+
+
 class HolderProbe:
     """Finds who holds a slot's lock; reads /proc/locks at most once per probe."""
 
@@ -273,7 +290,13 @@ class HolderProbe:
                 return pid
         if _is_free(path):
             return None
-        return self._proc_locks().get(key)
+        listed = self._proc_locks().get(key)
+        if listed is None or holds(listed, key):
+            return listed
+        # /proc/locks names whoever took the lock; a child that inherited it (a main's
+        # fork that kept the fd) holds it now. Find that process; else show the listed
+        # pid, which callers re-check (holds_path) before they would ever signal it.
+        return _search_holder(key) or listed
 
     def forget(self) -> None:
         """Drop the cached /proc/locks table (state has changed)."""
