@@ -188,6 +188,17 @@ class Slots:
 
         for slot in slots:
             self.lock(slot)  # made here, not in the threads: self.locks is not shared-safe
+
+        def reconnected(state: str) -> bool:
+            # kazoo can lose the predecessor watch across a reconnection (kazoo issues
+            # 151 and 282: a waiting Lock.acquire then hangs after a server restart):
+            # on every return to CONNECTED, wake the waits so they look again.
+            if state == KazooState.CONNECTED:
+                for lock in list(self.locks.values()):
+                    lock.wake_event.set()
+            return False  # stay registered
+
+        self.client.add_listener(reconnected)
         try:
             for slot in slots:
                 thread = threading.Thread(target=contend, args=(slot,), daemon=True, name=f"slot-{slot}")
@@ -225,6 +236,7 @@ class Slots:
                             won = int(word)
             return won
         finally:
+            self.client.remove_listener(reconnected)
             self._cancel_others(threads, keep=won)
             os.close(read_fd)
             os.close(write_fd)
