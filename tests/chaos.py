@@ -529,14 +529,15 @@ class Chaos:
             self.wait_for_failover(slot, pid)
         return True
 
+    def pick_standby(self) -> int | None:
+        """A random live standby, or None."""
+        standbys = [pid for _slot, pid in self.slots()[Role.STANDBY] if pid not in self.killed]
+        return self.rng.choice(standbys) if standbys else None
+
     def op_kill_standby(self) -> bool:
-        held = self.slots()
-        if not held[Role.STANDBY]:
+        pid = self.pick_standby()
+        if pid is None:
             return False
-        standbys = [pid for _slot, pid in held[Role.STANDBY] if pid not in self.killed]
-        if not standbys:
-            return False
-        pid = self.rng.choice(standbys)
         kill = Kill(pid, time.monotonic(), False, "standby")  # it may be main by now: its end counts
         if not self.signal(pid, signal.SIGKILL):
             return False
@@ -546,13 +547,9 @@ class Chaos:
         return True
 
     def op_stop_standby(self) -> bool:
-        held = self.slots()
-        if not held[Role.STANDBY]:
+        pid = self.pick_standby()
+        if pid is None:
             return False
-        standbys = [pid for _slot, pid in held[Role.STANDBY] if pid not in self.killed]
-        if not standbys:
-            return False
-        pid = self.rng.choice(standbys)
         if not self.signal(pid, signal.SIGSTOP):
             return False
         self.note(f"SIGSTOP standby {pid}")

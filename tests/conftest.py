@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import pytest
 
-from support import describe, is_alive, marked_processes, wait_until  # noqa: F401 - re-exported to tests
+from support import describe, is_alive, marked_processes, toml_text, wait_until  # noqa: F401 - re-exported to tests
 
 ROOT = Path(__file__).resolve().parent.parent
 HADCTL = [sys.executable, "-m", "hadctl"]
@@ -76,9 +76,9 @@ class Service:
         base["env"] = {**base["env"], **settings.pop("env", {})}  # LEDGER stays unless overridden
         base.update(settings)
         self.settings = {**base, "locks": locks}
-        text = _toml(base)
+        text = toml_text(base)
         if locks:
-            text += "\n[locks]\n" + _toml(locks)
+            text += "\n[locks]\n" + toml_text(locks)
         self.config.write_text(text)
 
     def run(self, *args: str, timeout: float = 60, check: bool | int = False) -> subprocess.CompletedProcess[str]:
@@ -109,17 +109,6 @@ class Service:
     def stop(self) -> None:
         if self.pid_dir.exists():
             self.run("stop")
-
-
-def _toml(table: dict[str, Any]) -> str:
-    lines = []
-    for key, value in table.items():
-        if isinstance(value, dict):
-            inner = ", ".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in value.items())
-            lines.append(f"{key} = {{ {inner} }}")
-        else:
-            lines.append(f"{key} = {json.dumps(value)}")
-    return "\n".join(lines) + "\n"
 
 
 def make_services(tmp_path: Path, naming: Callable[[int], str]) -> Any:

@@ -3,9 +3,22 @@ processes a run started (by an environment marker), tell live from zombie,
 and wait for a condition with a deadline."""
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any, Callable
+
+
+def toml_text(table: dict[str, Any]) -> str:
+    """A flat TOML document (values and inline tables) from a dict of JSON-able values."""
+    lines = []
+    for key, value in table.items():
+        if isinstance(value, dict):
+            inner = ", ".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in value.items())
+            lines.append(f"{key} = {{ {inner} }}")
+        else:
+            lines.append(f"{key} = {json.dumps(value)}")
+    return "\n".join(lines) + "\n"
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition",

@@ -760,8 +760,8 @@ def status_code(reports: list[SlotReport]) -> int:
 def foreground(cfg: ServiceConfig) -> int:
     """Run the entrypoint in this process: no fork, no locks. Returns its exit status."""
     import sys
-    from importlib import import_module
 
+    from .entrypoint import EntrypointError, exit_status, resolve
     from .errors import NotInstalledError
 
     sys.path[:0] = list(cfg.python_path)
@@ -770,15 +770,10 @@ def foreground(cfg: ServiceConfig) -> int:
         os.chdir(cfg.directory)
     if cfg.umask is not None:
         os.umask(cfg.umask)
-    module_name, _, attribute = cfg.entrypoint.partition(":")
     try:
-        value: object = import_module(module_name)
-        for part in attribute.split("."):
-            value = getattr(value, part)
-    except Exception as exc:  # noqa: BLE001 - whatever the user's module raises on import
-        raise NotInstalledError(f"cannot import {cfg.entrypoint}: {type(exc).__name__}: {exc}") from exc
-    if not callable(value):
-        raise NotInstalledError(f"cannot run {cfg.entrypoint}: not callable")
+        value = resolve(cfg.entrypoint)
+    except EntrypointError as exc:
+        raise NotInstalledError(f"cannot run {cfg.entrypoint}: {exc}") from exc
     try:
         code = value(*cfg.args)
     except SystemExit as exc:
@@ -788,9 +783,4 @@ def foreground(cfg: ServiceConfig) -> int:
 
         traceback.print_exc()
         return 1
-    if code is None:
-        return 0
-    if isinstance(code, int) and not isinstance(code, bool):
-        return code & 0xFF
-    print(code, file=sys.stderr)
-    return 1
+    return exit_status(code)

@@ -38,6 +38,7 @@ import hadctl
 
 from . import backoff
 from . import layout as paths
+from .entrypoint import EntrypointError, exit_status, resolve
 from .locks import flock
 from .spawn import read_spec, spawn_from_worker
 from .log import Log
@@ -177,26 +178,15 @@ class Worker:
 
     def _import(self, target: str, key: str):  # type: ignore[no-untyped-def]
         """Import ``module:function``; on failure report ``import-error`` and return None."""
-        module_name, _, attribute = target.partition(":")
         try:
-            __import__(module_name)
-            value = sys.modules[module_name]
-        except BaseException as exc:  # noqa: BLE001 - any failure of user code on import
-            import traceback
+            return resolve(target)
+        except EntrypointError as exc:
+            if exc.__cause__ is not None:
+                import traceback
 
-            traceback.print_exc()
-            self.report(f"import-error {self.pid} {key} {target}: cannot import {module_name}: "
-                        f"{type(exc).__name__}: {exc}")
+                traceback.print_exception(exc.__cause__)
+            self.report(f"import-error {self.pid} {key} {target}: {exc}")
             return None
-        for part in attribute.split("."):
-            if not hasattr(value, part):
-                self.report(f"import-error {self.pid} {key} {target}: {module_name} has no attribute {attribute!r}")
-                return None
-            value = getattr(value, part)
-        if not callable(value):
-            self.report(f"import-error {self.pid} {key} {target}: {attribute!r} is not callable")
-            return None
-        return value
 
     def _back_off(self) -> bool:
         """Wait out the crash-loop back-off, if any; False when we must leave instead."""
@@ -279,6 +269,18 @@ class Worker:
             self.log.warn(f"cannot watch {folder} ({exc.strerror}); "
                           f"checking the stop file every {self.spec['interval']:g} s")
 
+    def must_leave(self) -> bool:
+        """Asked to leave (TERM/INT), or the standby stop file exists. Clears the
+        "folder changed" flag: the stop file has been looked at."""
+        if self.leaving is not None:
+            self.log.trace(f"standby leaves on signal {self.leaving}")
+            return True
+        self.folder_changed = False
+        if self._stop_file_exists():
+            self.log.trace("standby leaves: standby stop file exists")
+            return True
+        return False
+
     def _stop_file_exists(self) -> bool:
         return os.path.lexists(self.spec["standby_stop_file"])
 
@@ -295,12 +297,7 @@ class Worker:
         tries = 0
         try:
             while True:
-                if self.leaving is not None:
-                    self.log.trace(f"standby leaves on signal {self.leaving}")
-                    return None
-                self.folder_changed = False
-                if self._stop_file_exists():
-                    self.log.trace("standby leaves: standby stop file exists")
+                if self.must_leave():
                     return None
                 try:
                     taken = self._block(waiter, mains[0][0], single_fd)
@@ -443,12 +440,7 @@ class Worker:
             paths.remove_if_ours(self.pid_file, self.pid)
             flock.release(fd)
         self.log.info(f"main #{slot} returned {code!r}")
-        if code is None:
-            return 0
-        if isinstance(code, int) and not isinstance(code, bool):
-            return code & 0xFF
-        print(code, file=sys.stderr)
-        return 1
+        return exit_status(code)
 
 
 def _redirect(path: str, target: int) -> None:

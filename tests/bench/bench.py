@@ -63,7 +63,7 @@ from typing import Any, Callable
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # tests/: the helpers shared with the test suite
 import support  # noqa: E402
-from support import describe, is_alive  # noqa: E402
+from support import describe, is_alive, toml_text  # noqa: E402
 PY = sys.executable
 _CLI = Path(PY).parent / "hadctl"
 HADCTL = [str(_CLI)] if _CLI.exists() else [PY, "-m", "hadctl"]
@@ -266,17 +266,6 @@ def cpu_busy(seconds: float = 1.0) -> float:
 # ====================================================================== a service
 
 
-def _toml(table: dict[str, Any]) -> str:
-    lines = []
-    for key, value in table.items():
-        if isinstance(value, dict):
-            inner = ", ".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in value.items())
-            lines.append(f"{key} = {{ {inner} }}")
-        else:
-            lines.append(f"{key} = {json.dumps(value)}")
-    return "\n".join(lines) + "\n"
-
-
 class Service:
     """One bench service: every path under ``folder`` (the config may live elsewhere)."""
 
@@ -305,9 +294,9 @@ class Service:
             "start_limit_burst": 10000,
         }
         table.update(settings)
-        text = _toml(table)
+        text = toml_text(table)
         if locks:
-            text += "\n[locks]\n" + _toml(locks)
+            text += "\n[locks]\n" + toml_text(locks)
         self.config.write_text(text)
         self.used = False
         self.cpu: dict[str, list[float]] = {}  # action -> CPU ms of each hadctl run

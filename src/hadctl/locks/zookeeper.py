@@ -205,12 +205,7 @@ class Slots:
                 thread.start()
                 threads.append(thread)
             while won is None:
-                if worker.leaving is not None:
-                    self.log.trace(f"standby leaves on signal {worker.leaving}")
-                    return None
-                worker.folder_changed = False
-                if worker._stop_file_exists():
-                    self.log.trace("standby leaves: standby stop file exists")
+                if worker.must_leave():
                     return None
                 timeout = tick
                 if deadline is not None:
