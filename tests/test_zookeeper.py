@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from conftest import ROOT, Service, pid_alive, wait_until
+from conftest import ROOT, Service, failed, pid_alive, wait_until
 from zk import Proxy, Server, free_port
 
 T = 2.0  # session_timeout of these tests
@@ -46,8 +46,18 @@ class Host(Service):
         return self.log_file.read_text() if self.log_file.exists() else ""
 
 
+def show_logs(request: pytest.FixtureRequest, logs: list[Path]) -> None:
+    """After a failed test, print the end of each log (pytest shows it beside the failure)."""
+    if not failed(request):
+        return
+    for path in logs:
+        if path.exists():
+            print(f"----- {path} (last 120 lines)")
+            print("\n".join(path.read_text(errors="replace").splitlines()[-120:]))
+
+
 @pytest.fixture
-def zookeeper(tmp_path: Path) -> Any:
+def zookeeper(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
     """A standalone ZooKeeper on 127.0.0.1 (tickTime 500), stopped at the end."""
     server = Server(tmp_path / "zookeeper").start()
     try:
@@ -55,10 +65,11 @@ def zookeeper(tmp_path: Path) -> Any:
         yield server
     finally:
         server.stop()
+        show_logs(request, [server.folder / "server.log"])
 
 
 @pytest.fixture
-def hosts(tmp_path: Path) -> Any:
+def hosts(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
     """A factory: ``hosts("A", zk_hosts, **locks)``; every host is stopped before ZooKeeper is."""
     made: list[Host] = []
     ledger = tmp_path / "ledger"
@@ -75,6 +86,7 @@ def hosts(tmp_path: Path) -> Any:
         return host
 
     yield make
+    show_logs(request, [host.log_file for host in made])
     for host in made:
         host.stop()
 
@@ -276,6 +288,7 @@ def test_zookeeper_restarted_within_the_grace_fences_nobody(zookeeper, hosts):
     zookeeper.stop()
     zookeeper.start().wait_serving()
     wait_until(lambda: "ZooKeeper connection back within fence_grace" in a.log_text(), 15, "A's main reconnected")
+    wait_until(lambda: "standby: ZooKeeper connection back" in b.log_text(), 15, "B's standby reconnected")
     assert pid_alive(main) and pid_alive(standby)
     assert " fenced: " not in a.log_text() + b.log_text()
     assert b.main_slot()["pid"] == main
@@ -306,6 +319,7 @@ def test_leader_of_an_ensemble_killed_fails_nothing_over(tmp_path, hosts):
         wait_until(lambda: any(s.mode() == "leader" for s in servers if s is not leader), 10, "a new leader")
         wait_until(lambda: "ZooKeeper connection back within fence_grace" in a.log_text(), 15,
                    "A's main reconnected")
+        wait_until(lambda: "standby: ZooKeeper connection back" in b.log_text(), 15, "B's standby reconnected")
         assert pid_alive(main) and pid_alive(standby)
         assert " fenced: " not in a.log_text() + b.log_text()
         assert b.main_slot()["pid"] == main

@@ -27,6 +27,7 @@ only after the fork (kazoo starts threads); controllers import it only then too.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import select
@@ -85,17 +86,43 @@ class _ToLog(logging.Handler):
         self.hadctl_log.warn(f"zookeeper: {message}")
 
 
-def _client(hosts: str, session_timeout: float, log: Any) -> KazooClient:
-    """A kazoo client that reconnects quickly (every 0.25 s at most while a server is down)."""
+def _client(hosts: str, session_timeout: float, fence_grace: float, log: Any) -> KazooClient:
+    """A kazoo client that reconnects quickly (every 0.25 s at most while a server is down)
+    and never waits longer than ``attempt_timeout`` for one server's answer."""
     logger = logging.getLogger(f"hadctl.kazoo.{os.getpid()}")
     logger.propagate = False
     if not logger.handlers:
         logger.addHandler(_ToLog(log))
     retry = KazooRetry(max_tries=-1, delay=0.05, backoff=2, max_jitter=0.2, max_delay=0.25)
+    listed = _listed_for_attempts(hosts, session_timeout / attempt_timeout(fence_grace))
     try:
-        return KazooClient(hosts=hosts, timeout=session_timeout, connection_retry=retry, logger=logger)
+        return KazooClient(hosts=listed, timeout=session_timeout, connection_retry=retry, logger=logger)
     except ValueError as exc:  # kazoo parses "host:port,host:port[/chroot]" here
         raise UnreachableError(f"invalid ZooKeeper hosts {hosts!r} (locks.hosts): {exc}") from None
+
+
+def attempt_timeout(fence_grace: float) -> float:
+    """The longest wait for one server to answer a connection attempt: half the grace
+    (so a retry still fits in it), at least 0.5 s (a healthy server answers in ms)."""
+    return max(0.5, fence_grace / 2)
+
+
+def _listed_for_attempts(hosts: str, attempts: float) -> str:
+    """``hosts`` with its server list repeated so that one attempt lasts at most
+    session_timeout / ``attempts``.
+
+    kazoo, like ZooKeeper's Java client, gives each connection attempt
+    session_timeout / (number of servers listed) for the server's answer. A server
+    that is starting up accepts connections it then neither serves nor closes
+    (ZOOKEEPER-5051: closing them before its database is loaded fails), so one
+    unlucky attempt would hang that long: past fence_grace, a main reconnecting to a
+    restarted server would fence itself for nothing. Listing each server k times
+    cuts every attempt to 1/k of that, through kazoo's public interface.
+    """
+    servers, slash, chroot = hosts.partition("/")
+    count = len([s for s in servers.split(",") if s.strip()]) or 1
+    repeat = max(1, min(20, math.ceil(attempts / count)))
+    return ",".join([servers] * repeat) + slash + chroot
 
 
 def _connect(client: KazooClient, hosts: str, timeout: float) -> None:
@@ -131,7 +158,7 @@ class Slots:
         self.log = log
         self.hosts = spec["zk_hosts"]
         self.identity = f"{spec['host_id']} {os.getpid()}"
-        self.client = _client(self.hosts, spec["session_timeout"], log)
+        self.client = _client(self.hosts, spec["session_timeout"], spec["fence_grace"], log)
         self.locks: dict[int, Lock] = {}
         self.fence: Fence | None = None
 
@@ -194,6 +221,7 @@ class Slots:
             # 151 and 282: a waiting Lock.acquire then hangs after a server restart):
             # on every return to CONNECTED, wake the waits so they look again.
             if state == KazooState.CONNECTED:
+                self.log.info("standby: ZooKeeper connection back; looking at the main slots again")
                 for lock in list(self.locks.values()):
                     lock.wake_event.set()
             return False  # stay registered
@@ -543,7 +571,7 @@ class View:
     def __init__(self, cfg: "ServiceConfig", log: Any, timeout: float | None = None) -> None:
         self.cfg = cfg
         self.hosts = cfg.locks.hosts or ""
-        self.client = _client(self.hosts, cfg.locks.session_timeout, log)
+        self.client = _client(self.hosts, cfg.locks.session_timeout, cfg.locks.fence_grace or 0.0, log)
         _connect(self.client, self.hosts, cfg.locks.session_timeout if timeout is None else timeout)
 
     def path(self, slot: int) -> str:
