@@ -373,6 +373,35 @@ def test_junk_in_place_of_the_standby_stop_file_neither_hangs_nor_escapes(servic
     assert stop_file.exists() and not stop_file.is_symlink()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="the rule is for root controllers; chown needs root (CI is root)")
+@pytest.mark.parametrize("planted, status", [("hadctl.log", 4), ("hadctl.lock", 4), ("lock/1.lock", 1)])
+def test_links_planted_in_a_pid_dir_its_user_owns_are_never_followed_by_root(service, tmp_path, no_leftovers,
+                                                                            planted, status):
+    """pid_dir belongs to the service's user, who could swap hadctl's files there for links
+    to /etc/passwd: a root controller must neither create nor append to their targets."""
+    svc = service()
+    svc.write(**{**svc.settings, "log_file": str(svc.pid_dir / "hadctl.log")})
+    svc.run("start", check=True)
+    svc.run("stop", check=True)
+    for path in [svc.pid_dir, *svc.pid_dir.rglob("*")]:
+        os.chown(path, 65534, 65534)  # nobody, as _prepare leaves it for user = "nobody"
+    target = tmp_path / "target-of-the-link"
+    link = svc.pid_dir / planted
+    link.unlink()
+    link.symlink_to(target)
+    result = svc.run("start")
+    assert result.returncode == status and "Traceback" not in result.stderr, result.stderr
+    assert str(link) in result.stderr.splitlines()[0], result.stderr  # then, for 1: "check LOG for details"
+    for action in ("status", "stop", "fork"):
+        svc.run(action)
+    assert not target.exists(), f"root wrote {target} through {link}"
+    assert _service_processes(no_leftovers) == []
+    link.unlink()
+    svc.run("start", check=True)
+    svc.run("stop", check=True)
+    assert_stopped_clean(svc, no_leftovers)
+
+
 # ------------------------------------------------------------------ 3. controllers at once
 
 
@@ -930,12 +959,37 @@ def test_pid_dir_removed_while_running(service, no_leftovers):
         result = svc.run(action)
         assert result.returncode != 0 and "Traceback" not in result.stderr, (action, result.stdout, result.stderr)
         assert sorted(_service_processes(no_leftovers)) == running, f"{action} started more processes"
+    svc.run("reload", check=True)  # the mains are found through their deleted lock files
+    wait_until(lambda: len(_ledger_events(svc.ledger, "hup")) == 2, 5, "both mains to get SIGHUP")
     stopped = svc.run("stop", check=True)
     assert not any(pid_alive(p) for p in running), stopped.stdout
     assert _service_processes(no_leftovers) == []
     assert len(_ledger_events(svc.ledger, "exit")) == 2  # the mains were stopped, not killed
     svc.run("start", check=True)
     assert len(svc.holders("main")) == 2
+
+
+@pytest.mark.parametrize("deleted", ["lock/1.lock", "lock-standby/1.lock"])
+def test_a_lock_file_deleted_under_its_holder_lets_no_second_process_in(service, no_leftovers, deleted):
+    """A cleaner of old files removed one lock file (its folder stays): a fresh file
+    would let a second main (or standby) in beside the holder of the deleted one."""
+    svc = service(respawn_standby=False)
+    svc.run("start", check=True)
+    running = {"main": svc.pid_of("main"), "standby": svc.pid_of("standby")}
+    holder = running["main" if deleted.startswith("lock/") else "standby"]
+    (svc.pid_dir / deleted).unlink()
+    status = svc.run("status", check=True)
+    assert f"(pid {holder}) (stale: holds a deleted lock file) [Running]" in status.stdout, status.stdout
+    for action in ("start", "fork", "restart"):
+        result = svc.run(action)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, (action, result.stdout, result.stderr)
+        assert "whose lock files were deleted" in result.stderr, result.stderr
+        assert sorted(_service_processes(no_leftovers)) == sorted(running.values()), f"{action} started more"
+    stopped = svc.run("stop", check=True)
+    assert f"(pid {holder}) [Stopped]" in stopped.stdout, stopped.stdout
+    assert_stopped_clean(svc, no_leftovers)
+    svc.run("start", check=True)
+    assert len(svc.holders("main")) == 1 and len(svc.holders("standby")) == 1
 
 
 def test_stop_after_max_procs_was_lowered_ends_every_main(service, no_leftovers):

@@ -9,6 +9,7 @@ Imports everything below it; never click or rich.
 from __future__ import annotations
 
 import _signal
+import errno
 import os
 import time
 
@@ -17,7 +18,7 @@ from .config import ServiceConfig
 from .errors import ActionFailedError, BusyError, ConfigError, NotPermittedError, NotRunningError
 from .layout import Layout, read_pid_file, remove_stale
 from .locks import flock
-from .log import Log
+from .log import Log, follows_last_link, open_append
 from .model import Outcome, Role, SlotReport, Step
 
 SPAWN_TIMEOUT = 30.0
@@ -44,7 +45,14 @@ class Service:
         if not (os.path.isdir(self.layout.lock_path) and os.path.isdir(self.layout.standby_lock_path)):
             # pid_dir (or a lock folder) was removed under running processes (issue #6)
             orphans = {(r.role, r.slot): r for r in probe.orphaned_holders(self.layout)}
-            reports = [orphans.get((r.role, r.slot), r) if r.pid is None else r for r in reports]
+        elif any(r.pid is None and not os.path.lexists(self.layout.lock_file(r.role.value, r.slot)) for r in reports):
+            # a free slot's lock file is missing: never made yet, or deleted under its holder
+            # (a cleaner of old files?), who is then named by a pid file, stale now
+            candidates = [item.pid for item in stale + probe.unknown_pid_files(self.layout) if item.pid]
+            orphans = {(r.role, r.slot): r for r in probe.orphaned_holders(self.layout, candidates)}
+        else:
+            return reports, stale
+        reports = [orphans.get((r.role, r.slot), r) if r.pid is None else r for r in reports]
         return reports, stale
 
     def outcome(self, action: str, status: int, slots: list[SlotReport] | None = None,
@@ -72,6 +80,8 @@ class _control:
         except PermissionError as exc:
             raise NotPermittedError(f"cannot take lock {path}: {exc.strerror}") from exc
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise NotPermittedError(f"cannot take lock {path}: it is a symbolic link (never followed)") from exc
             raise ConfigError(f"cannot take lock {path}: {exc.strerror}") from exc
         if fd is None:
             raise BusyError(f"another hadctl is working on {self.svc.cfg.name} (it holds {path}); "
@@ -107,21 +117,32 @@ def _prepare(svc: Service) -> None:
         if not os.access(folder, os.W_OK):
             raise NotPermittedError(f"cannot write in {folder}: Permission denied")
         if chown and not existed:
-            os.chown(folder, ident.uid or 0, -1 if ident.gid is None else ident.gid)
+            # never through a link: once pid_dir is the user's, its user could swap
+            # the lock folder we just made for a link to /etc
+            os.chown(folder, ident.uid or 0, -1 if ident.gid is None else ident.gid, follow_symlinks=False)
     for key, path in (("log_file", cfg.log_file), ("stdout_file", cfg.stdout_file),
                       ("stderr_file", cfg.stderr_file)):
         if path is None:
             continue
         existed = os.path.exists(path)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            os.close(fd)
+            fd = open_append(path)
         except PermissionError:
             raise NotPermittedError(f"cannot open {key} {path}: Permission denied") from None
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise _link_refused(key, path) from None
             raise ConfigError(f'{cfg.config_file}: key "{key}": cannot open {path}: {exc.strerror}') from None
-        if chown and not existed:
-            os.chown(path, ident.uid or 0, -1 if ident.gid is None else ident.gid)
+        try:
+            if chown and not existed:
+                os.fchown(fd, ident.uid or 0, -1 if ident.gid is None else ident.gid)  # the file we opened
+        finally:
+            os.close(fd)
+
+
+def _link_refused(key: str, path: str) -> NotPermittedError:
+    return NotPermittedError(f"{key} {path} is a symbolic link in a folder that others can write: "
+                             "not followed as root")
 
 
 def _check_paths(cfg: ServiceConfig) -> None:
@@ -147,6 +168,8 @@ def _check_paths(cfg: ServiceConfig) -> None:
             # opening a FIFO for writing blocks until someone reads it: every command would hang
             # (lstat: /dev/stdout, a link to whatever fd 1 is, stays allowed)
             raise ConfigError(f'{cfg.config_file}: key "{key}": {path} is a FIFO or a socket, not a file')
+        if existing == path and not folder and os.path.islink(path) and not follows_last_link(path):
+            raise _link_refused(key, path)
         if existing != path and not os.path.isdir(existing):
             raise ConfigError(f'{cfg.config_file}: key "{key}": cannot create {path}: {existing} is not a directory')
         if not os.access(existing, os.W_OK | (os.X_OK if existing != path else 0)):
@@ -157,9 +180,13 @@ def _check_paths(cfg: ServiceConfig) -> None:
 def _refuse_beside_orphans(svc: Service) -> None:
     """Start nothing beside processes that hold lock files deleted from under them:
     fresh lock files would let a second main in (issue #6)."""
-    if os.path.isdir(svc.layout.lock_path) and os.path.isdir(svc.layout.standby_lock_path):
+    layout, locks = svc.layout, svc.cfg.locks
+    expected = [layout.lock_file(role, slot) for role, count in (("main", locks.max_procs),
+                                                                  ("standby", locks.standby_max_procs))
+                for slot in range(1, count + 1)]
+    if all(os.path.lexists(path) for path in expected):
         return
-    orphans = [r for r in svc.slots()[0] if r.running]
+    orphans = [r for r in svc.slots()[0] if r.running and probe.DELETED_LOCK in r.stale]
     if orphans:
         held = ", ".join(f"{r.label} (pid {r.pid})" for r in orphans)
         raise ActionFailedError(f"{held} still hold slots whose lock files were deleted (was {svc.cfg.pid_dir} "
@@ -255,8 +282,6 @@ def _touch(path: str) -> None:
     """Make ``path`` exist, never through a symlink (a link planted in pid_dir must not
     make a root controller create files elsewhere: the link is removed) and never
     blocking (opening a FIFO for writing waits for a reader; it exists: enough) (issue #6)."""
-    import errno
-
     flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
     try:
         fd = os.open(path, flags, 0o644)
@@ -642,18 +667,22 @@ def _restart_without_standbys(svc: Service, reports: list[SlotReport]) -> Outcom
 def reload(cfg: ServiceConfig) -> Outcome:
     """SIGHUP to each main; NotRunningError (7) when no main runs."""
     svc = Service(cfg)
-    if not os.path.isdir(cfg.pid_dir):
-        raise NotRunningError(f"{cfg.name}: no main is running, nothing to reload")
+    if not os.path.isdir(cfg.pid_dir):  # removed under running mains? they hold its deleted lock files
+        return _reload_locked(svc)
     with _control(svc):
-        reports, _stale = svc.slots()
-        targets = _targets(svc, reports, Role.MAIN)
-        if not targets:
-            raise NotRunningError(f"{cfg.name}: no main is running, nothing to reload")
-        for report, target in targets:
-            target.signal(_signal.SIGHUP, group=False)
-            target.close()
-            svc.say(f"main #{report.slot} (pid {report.pid}) sent SIGHUP", "OK")
-        return svc.outcome("reload", 0, reports)
+        return _reload_locked(svc)
+
+
+def _reload_locked(svc: Service) -> Outcome:
+    reports, _stale = svc.slots()
+    targets = _targets(svc, reports, Role.MAIN)
+    if not targets:
+        raise NotRunningError(f"{svc.cfg.name}: no main is running, nothing to reload")
+    for report, target in targets:
+        target.signal(_signal.SIGHUP, group=False)
+        target.close()
+        svc.say(f"main #{report.slot} (pid {report.pid}) sent SIGHUP", "OK")
+    return svc.outcome("reload", 0, reports)
 
 
 def upgrade(cfg: ServiceConfig) -> Outcome:

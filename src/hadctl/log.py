@@ -9,6 +9,32 @@ from __future__ import annotations
 import os
 import time
 
+_APPEND = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+
+
+def open_append(path: str) -> int:
+    """Open ``path`` for appending (created 0644), the way every hadctl log and output file is.
+
+    As root, a symlink as the last part of ``path`` is followed only in a folder
+    that root alone can write: log_file often lies in pid_dir, which belongs to
+    the service's user, who could otherwise swap the file for a link to
+    /etc/passwd and have a root controller append to it. There it is refused
+    (OSError ELOOP, "Too many levels of symbolic links").
+    """
+    return os.open(path, _APPEND if follows_last_link(path) else _APPEND | os.O_NOFOLLOW, 0o644)
+
+
+def follows_last_link(path: str) -> bool:
+    """Whether open_append follows a symlink at the last part of ``path``: always,
+    unless we are root and someone other than root can write ``path``'s folder."""
+    if os.geteuid() != 0:
+        return True
+    try:
+        st = os.stat(os.path.dirname(path) or ".")
+    except OSError:
+        return False
+    return st.st_uid == 0 and not st.st_mode & 0o022
+
 
 def _stamp() -> str:
     now = time.time()
@@ -28,7 +54,7 @@ class Log:
     def write(self, level: str, message: str) -> None:
         line = f"[{_stamp()}][{os.getpid()}][{level}] {message}\n"
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = open_append(self.path)
         except OSError:
             return
         try:

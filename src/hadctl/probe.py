@@ -16,9 +16,12 @@ import _signal  # not signal: its enum costs every command milliseconds
 import time
 
 from .layout import Layout, PidFile, read_pid_file
-from .locks.flock import HolderProbe
+from .locks.flock import HolderProbe, holds
 from .model import Role, SlotReport
 from .record import record
+
+
+DELETED_LOCK = "holds a deleted lock file"
 
 
 @record
@@ -66,16 +69,21 @@ def extra_slots(layout: Layout, max_procs: int, standby_max_procs: int) -> list[
     return found
 
 
-def orphaned_holders(layout: Layout) -> list[SlotReport]:
+def orphaned_holders(layout: Layout, candidates: list[int] | None = None) -> list[SlotReport]:
     """Holders of slot lock files that were deleted (pid_dir or a lock folder removed
-    while the service ran). Their slots no longer show through the files, yet they
-    are held, and a fresh lock file would let a second main in beside them (issue #6).
-    Found through /proc/locks (every flock's holder), then that holder's fds."""
+    while the service ran, or single lock files: a cleaner of old files). Their slots
+    no longer show through the files, yet they are held, and a fresh lock file would
+    let a second main in beside them (issue #6).
+
+    Without ``candidates``, every flock holder of the host is looked at (/proc/locks,
+    ~10 ms the first time in a process); with them, only those pids (read from the
+    pid files, which a lock folder's removal takes away but a lone file's does not).
+    Each one's fds tell which deleted lock file it holds."""
     folders = {os.path.realpath(layout.lock_path): Role.MAIN,
                os.path.realpath(layout.standby_lock_path): Role.STANDBY}
-    table = HolderProbe().every_holder()
+    table = HolderProbe().every_holder() if candidates is None else None
     found: dict[tuple[Role, int], int] = {}
-    for pid in sorted(set(table.values())):
+    for pid in sorted(set(table.values()) if table is not None else set(candidates or ())):
         for fd in _listdir(f"/proc/{pid}/fd"):
             try:
                 target = os.readlink(f"/proc/{pid}/fd/{fd}")
@@ -87,9 +95,10 @@ def orphaned_holders(layout: Layout) -> list[SlotReport]:
             path = target[: -len(" (deleted)")]
             role, slot = folders.get(os.path.dirname(path)), os.path.basename(path)[: -len(".lock")]
             key = (os.major(info.st_dev), os.minor(info.st_dev), info.st_ino)
-            if role is not None and path.endswith(".lock") and slot.isdigit() and table.get(key) == pid:
+            held = table.get(key) == pid if table is not None else holds(pid, key)
+            if role is not None and path.endswith(".lock") and slot.isdigit() and held:
                 found[(role, int(slot))] = pid
-    return [SlotReport(role, slot, pid, ("holds a deleted lock file",)) for (role, slot), pid in sorted(
+    return [SlotReport(role, slot, pid, (DELETED_LOCK,)) for (role, slot), pid in sorted(
         found.items(), key=lambda item: (item[0][0] is Role.STANDBY, item[0][1]))]
 
 

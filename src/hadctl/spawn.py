@@ -15,7 +15,7 @@ ended up on the report pipe, one line: ``standby 2 PID``, ``main 1 PID``,
 
 A forked child never returns into its caller: its body ends in ``os._exit()``
 and a failure goes to the report pipe, never to logging.
-Imports errors and layout only (and the standard library). The worker imports it at its
+Imports errors, layout and log only (and the standard library). The worker imports it at its
 start, for the replacement standby a promoted main spawns: so ``_signal``, not
 ``signal`` (whose enum costs a promoting standby milliseconds to import).
 """
@@ -30,6 +30,7 @@ import time
 
 from .errors import ActionFailedError
 from .layout import write_pid_file
+from .log import open_append
 
 HADCTL_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BOOT = (f"import sys; sys.path.insert(0, {HADCTL_DIR!r}); "
@@ -235,7 +236,7 @@ def _stdio_to_log(log_file: str) -> None:
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
-    log = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    log = open_append(log_file)
     os.dup2(log, 1)
     os.dup2(log, 2)
     os.close(log)
@@ -318,7 +319,7 @@ def spawn_from_worker(spec: dict, close: tuple[int, ...] = ()) -> int:  # type: 
     main's lock would wait for itself). Nobody reads its report. Returns its pid.
     """
     spec_read, spec_write = os.pipe()
-    log = os.open(spec["log_file"], os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    log = open_append(spec["log_file"])
     try:
         actions = [
             (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),

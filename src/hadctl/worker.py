@@ -41,7 +41,7 @@ from . import layout as paths
 from .entrypoint import EntrypointError, exit_status, resolve
 from .locks import flock
 from .spawn import read_spec, spawn_from_worker
-from .log import Log
+from .log import Log, open_append
 
 EX_NOTINSTALLED = 5
 
@@ -117,6 +117,11 @@ class Worker:
             return 1
         try:
             return self._run_with_pid_file()
+        except OSError as exc:  # ours, not the program's (_run_main keeps those): lock files, pid files
+            where = f" {exc.filename}" if exc.filename else ""
+            self.log.error(f"worker {self.pid}: {exc.strerror or exc}{where}")
+            self.report(f"error {self.pid} {exc.strerror or exc}{where}")
+            return 1
         finally:
             paths.remove_if_ours(self.pid_file, self.pid)
 
@@ -444,7 +449,7 @@ class Worker:
 
 
 def _redirect(path: str, target: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = open_append(path)
     os.dup2(fd, target)
     os.close(fd)
 

@@ -28,8 +28,13 @@ _CANCEL_SIGNAL = _signal.SIGUSR2
 
 
 def open_lock_file(path: str) -> int:
-    """Open (creating) a lock file; the fd is close-on-exec and not inherited."""
-    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    """Open (creating) a lock file; the fd is close-on-exec and not inherited.
+
+    Never through a symlink (OSError ELOOP): hadctl makes its lock files itself,
+    and a link planted in pid_dir by the service's user must not make a root
+    controller create or open files elsewhere.
+    """
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
 
 
 def note_holder(fd: int, pid: int) -> None:
