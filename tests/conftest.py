@@ -45,9 +45,16 @@ def failed(request: pytest.FixtureRequest) -> bool:
     return report is None or report.failed
 
 
+@pytest.fixture(scope="session")
+def parse_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """hadctl's cache of parsed service files, for this test session only (not /run/hadctl)."""
+    return tmp_path_factory.mktemp("parse-cache")
+
+
 @pytest.fixture(autouse=True)
-def no_leftovers(monkeypatch: pytest.MonkeyPatch) -> Any:
+def no_leftovers(monkeypatch: pytest.MonkeyPatch, parse_cache: Path) -> Any:
     marker = uuid.uuid4().hex
+    monkeypatch.setenv("HADCTL_CACHE_DIR", str(parse_cache))
     monkeypatch.setenv("HADCTL_TEST_ID", marker)
     monkeypatch.setenv("HADC_NO_COLORS", "1")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), str(ROOT / "src")]))

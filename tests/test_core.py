@@ -267,3 +267,46 @@ def test_foreground_reports_user_errors_as_the_service_s(service):
     svc.write(**{**svc.settings, "entrypoint": "tests.services.basic:crash"})
     result = svc.run("foreground")
     assert result.returncode == 1 and "crashed on purpose" in result.stderr and "internal error" not in result.stderr
+
+
+# ------------------------------------------------------------------ the parse cache
+
+
+def test_an_edit_is_seen_at_once_whatever_the_parse_cache_holds(service):
+    """The cache (hadctl/parsecache.py) is keyed by the file's bytes, not its times: an
+    edit of the same length within the same clock tick is still seen."""
+    svc = service(locks={"max_procs": 2})
+    assert svc.run("status", "--json").stdout.count('"main"') == 2
+    before = svc.config.stat()
+    svc.write(**{**svc.settings, "locks": {"max_procs": 3}})
+    os.utime(svc.config, ns=(before.st_atime_ns, before.st_mtime_ns))  # same size, same mtime
+    assert svc.config.stat().st_size == before.st_size
+    assert svc.run("status", "--json").stdout.count('"main"') == 3
+
+
+def test_a_parse_cache_others_can_write_is_never_believed(service, parse_cache, monkeypatch, tmp_path):
+    """Root runs the entrypoint a service file names: an entry that someone else could
+    have written (here: one that claims a different entrypoint) must count for nothing."""
+    import marshal
+
+    from hadctl import parsecache
+
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("HADCTL_CACHE_DIR", str(folder))
+    svc = service(entrypoint="tests.services.basic:serve")
+    svc.run("status", check=3)  # parsed and cached
+    entries = list(folder.iterdir())
+    assert len(entries) == 1
+    tag, data, parsed = marshal.loads(entries[0].read_bytes())
+    assert data == svc.config.read_bytes()
+    entries[0].write_bytes(marshal.dumps((tag, data, {**parsed, "entrypoint": "tests.services.nowhere:x"})))
+    assert parsecache.lookup(str(svc.config), data)["entrypoint"] == "tests.services.nowhere:x"  # as we wrote it
+    entries[0].chmod(0o666)
+    assert parsecache.lookup(str(svc.config), data) is None
+    svc.run("start", check=True)  # the real entrypoint: the poisoned entry was not used
+    assert len(svc.holders("main")) == 1
+    svc.run("stop", check=True)
+    folder.chmod(0o777)
+    entries[0].chmod(0o600)
+    assert parsecache.lookup(str(svc.config), data) is None  # nor one in a folder others can write
+

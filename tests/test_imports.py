@@ -29,16 +29,32 @@ def test_plain_status_runs_without_click(service):
     svc = service()
     code = (f"sys.argv = ['hadctl', '-c', {str(svc.config)!r}, 'status']\n"
             "from hadctl import entry\n"
+            "entry._exit_now = sys.exit  # os._exit would end us before we print sys.modules\n"
             "try:\n    entry.run()\nexcept SystemExit:\n    pass")
     loaded = _modules_after(code)
     assert "hadctl.actions" in loaded  # it really ran the action
-    # (typing is there: tomllib imports it)
     assert not {m for m in loaded if m.split(".")[0] in ("click", "rich", "dataclasses", "inspect", "psutil")}
+    assert "tomllib" in loaded  # the first time; parsed, the file is now in the cache
+    again = _modules_after(code)
+    assert "hadctl.actions" in again
+    assert not {"tomllib", "typing"} & again, {"tomllib", "typing"} & again
 
 
 def test_anything_else_goes_through_click(service):
     svc = service()
     code = (f"sys.argv = ['hadctl', '-c', {str(svc.config)!r}, 'status', '--help']\n"
             "from hadctl import entry\n"
+            "entry._exit_now = sys.exit  # os._exit would end us before we print sys.modules\n"
             "try:\n    entry.run()\nexcept SystemExit:\n    pass")
     assert "click" in _modules_after(code)
+
+
+def test_an_empty_cache_folder_means_every_run_parses(service, monkeypatch):
+    monkeypatch.setenv("HADCTL_CACHE_DIR", "")
+    svc = service()
+    code = (f"sys.argv = ['hadctl', '-c', {str(svc.config)!r}, 'status']\n"
+            "from hadctl import entry\n"
+            "entry._exit_now = sys.exit  # os._exit would end us before we print sys.modules\n"
+            "try:\n    entry.run()\nexcept SystemExit:\n    pass")
+    assert "tomllib" in _modules_after(code)
+    assert "tomllib" in _modules_after(code)

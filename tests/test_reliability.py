@@ -790,6 +790,21 @@ def test_bad_command_lines_exit_2_or_6_with_usage_or_one_line(tmp_path, no_lefto
     assert sorted(p.name for p in tmp_path.iterdir()) == ["svc.toml"]
 
 
+
+@pytest.mark.parametrize("argv", [["status"], ["status", "--json"], ["--help"]])
+def test_output_to_a_closed_pipe_is_no_internal_error(service, no_leftovers, argv):
+    """hadctl status | head -1: the reader goes away; hadctl says nothing more, exits 1."""
+    svc = service()
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        result = subprocess.run([*HADCTL, *(["-c", str(svc.config)] if argv != ["--help"] else []), *argv],
+                                stdout=write, stderr=subprocess.PIPE, text=True, timeout=30)
+    finally:
+        os.close(write)
+    assert result.returncode == 1 and result.stderr == "", result.stderr
+    assert "internal error" not in (svc.log_file.read_text() if svc.log_file.exists() else "")
+
 # ---- property: any TOML document gives a valid start or a clean refusal
 
 _SCALAR = st.one_of(

@@ -11,7 +11,6 @@ import grp
 import math
 import os
 import pwd
-import re
 import _signal  # not signal: its enum costs every command milliseconds
 
 from .errors import ConfigError
@@ -23,7 +22,6 @@ if TYPE_CHECKING:
 
     Check = Callable[[Any], Any]
 
-ENTRYPOINT_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 DEFAULT_STOP_SIGNALS = ("TERM", "TERM", "INT", "KILL")
 
 
@@ -201,7 +199,7 @@ def _name(value: Any) -> str:
 
 def _entrypoint(value: Any) -> str:
     text = _string(value)
-    if not ENTRYPOINT_RE.match(text):
+    if not _is_entrypoint(text):
         raise _Refusal(f'expected "package.module:function", got {_describe(value)}')
     return text
 
@@ -266,13 +264,26 @@ def _umask(value: Any) -> int:
         raise _Refusal(f'expected an octal string like "022", got {_describe(value)}')
     if isinstance(value, int):
         number = value
-    elif isinstance(value, str) and re.fullmatch(r"0?[0-7]{1,4}|0o[0-7]{1,4}", value.strip()):
+    elif isinstance(value, str) and _is_octal(value.strip()):
         number = int(value.strip().removeprefix("0o"), 8)
     else:
         raise _Refusal(f'expected an octal string like "022", got {_describe(value)}')
     if not 0 <= number <= 0o777:
         raise _Refusal(f"expected a umask between 000 and 777 (octal), got {oct(number)}")
     return number
+
+
+def _is_octal(text: str) -> bool:
+    """``022``, ``0022``, ``0o22``: up to 4 octal digits, after an optional ``0`` or ``0o``
+    (str methods, not re: re and the enum it imports cost every command milliseconds)."""
+    digits = text[2:] if text.startswith("0o") else text[1:] if len(text) == 5 and text[0] == "0" else text
+    return 1 <= len(digits) <= 4 and all(c in "01234567" for c in digits)
+
+
+def _is_entrypoint(text: str) -> bool:
+    """``package.module:function``: dotted Python names on both sides of one colon."""
+    module, colon, function = text.partition(":")
+    return bool(colon) and all(part.isidentifier() for part in module.split(".") + function.split("."))
 
 
 def _signals(value: Any) -> tuple[str, ...]:
@@ -398,11 +409,6 @@ def _validate_table(path: str, where: str, table: dict[str, Any], keys: dict[str
 
 
 def _read_toml(path: str) -> dict[str, Any]:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python < 3.11
-        import tomli as tomllib  # type: ignore[no-redef]
-
     import stat
 
     try:
@@ -430,10 +436,21 @@ def _read_toml(path: str) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise ConfigError(f"{path}: invalid TOML: not UTF-8 text (line {line})") from None
+    from . import parsecache
+
+    cached = parsecache.lookup(path, data)
+    if cached is not None:
+        return cached
     try:
-        return tomllib.loads(text)
+        import tomllib
+    except ModuleNotFoundError:  # Python < 3.11
+        import tomli as tomllib  # type: ignore[no-redef]
+    try:
+        parsed = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    parsecache.store(path, data, parsed)
+    return parsed
 
 
 def _resolve(base: str, value: str) -> str:
