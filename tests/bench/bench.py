@@ -99,12 +99,13 @@ class BenchError(Exception):
 # ====================================================================== small tools
 
 
-def timed_run(command: list[str], timeout: float = 120) -> tuple[float, float, subprocess.CompletedProcess[str]]:
+def timed_run(command: list[str], timeout: float = 120,
+              env: dict[str, str] | None = None) -> tuple[float, float, subprocess.CompletedProcess[str]]:
     """Run ``command``; returns (wall ms, CPU ms, result). CPU is user+sys of the command and of
     the children it waited for (not of the detached workers): a figure that load barely moves."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     began = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     wall = (time.perf_counter() - began) * 1000
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) * 1000
@@ -298,6 +299,7 @@ class Service:
         if locks:
             text += "\n[locks]\n" + toml_text(locks)
         self.config.write_text(text)
+        self.env: dict[str, str] | None = None  # the environment of its hadctl commands (None: ours)
         self.used = False
         self.cpu: dict[str, list[float]] = {}  # action -> CPU ms of each hadctl run
 
@@ -308,7 +310,7 @@ class Service:
     def run(self, *args: str, timeout: float = 120) -> tuple[float, subprocess.CompletedProcess[str]]:
         """Run ``hadctl -c CONFIG ARGS``; returns (wall ms, result)."""
         self.used = True  # something may run from now on, until a stop succeeds
-        elapsed, cpu, result = timed_run([*HADCTL, "-c", str(self.config), *args], timeout)
+        elapsed, cpu, result = timed_run([*HADCTL, "-c", str(self.config), *args], timeout, self.env)
         self.cpu.setdefault(args[0], []).append(cpu)
         if args[:1] == ("stop",) and result.returncode == 0:
             self.used = False
@@ -653,6 +655,69 @@ class Bench:
                              notes="the same kill -> function time as the failover row, without spawning a "
                                    "replacement on the way: the cost of the respawn is the difference"))
 
+    # ------------------------------------------------------------------ ZooKeeper
+
+    def scenario_zookeeper(self) -> None:
+        """Issue #7, two "hosts" on this machine (own pid_dir, own HADCTL_HOST_ID) sharing
+        one throw-away ZooKeeper server: host A's main, host B's standby. Hand-over: A's
+        main writes its exit on the TERM of `stop` on A -> B's standby inside the function.
+        Failover: SIGKILL of A's main -> B's standby inside the function (the slot moves
+        when A's session expires: about session_timeout)."""
+        import zk
+
+        timeouts = (2.0, 6.0)
+        if not (os.path.exists(zk.JAR) and os.path.exists(zk.JAVA)):
+            for timeout in timeouts:
+                for kind in ("handover", "failover"):
+                    self.rows.append(unavailable(f"zk_{kind}_{timeout:g}", f"ZooKeeper {kind}, "
+                                                 f"session_timeout {timeout:g} s", "(info)",
+                                                 f"no ZooKeeper ({zk.JAR}); make system-deps installs it"))
+            return
+        server = zk.Server(self.root / "zookeeper").start()
+        try:
+            server.wait_serving(60)
+            for timeout in timeouts:
+                hosts = []
+                for host in ("A", "B"):
+                    svc = self.service(f"zk-{timeout:g}-{host}", name="bench-zk", respawn_standby=False,
+                                       locks={"engine": "zookeeper", "hosts": server.address,
+                                              "root": f"/bench-{timeout:g}", "session_timeout": timeout,
+                                              "standby_max_procs": 1 if host == "B" else 0})
+                    svc.env = {**os.environ, "HADCTL_HOST_ID": f"bench-{host}"}
+                    hosts.append(svc)
+                a, b = hosts
+                samples: dict[str, list[float]] = {"handover": [], "failover": []}
+                for _trial in range(self.trials(5, 2)):
+                    for kind in ("handover", "failover"):
+                        a.must("start")
+                        b.must("start")
+                        main, standby = a.pid("main"), b.pid("standby")
+                        if main is None or standby is None:
+                            raise BenchError(f"ZooKeeper: no main on A or no standby on B ({main}, {standby})")
+                        wait_until(lambda: main in a.entered(), 10, "A's main inside the function")
+                        time.sleep(0.5)  # pacing: B's standby queues in ZooKeeper after it reports
+                        if kind == "handover":
+                            a.must("stop")
+                            began = a.exited().get(main)
+                        else:
+                            began = time.monotonic()
+                            os.kill(main, signal.SIGKILL)
+                        entered = wait_until(lambda: b.entered().get(standby), timeout + 10,
+                                             "B's standby inside the function")
+                        if began is None:
+                            raise BenchError("ZooKeeper: A's main wrote no exit time on stop")
+                        samples[kind].append((entered - began) * 1000)
+                        b.must("stop")
+                        a.must("stop")
+                self.rows.append(Row(f"zk_handover_{timeout:g}", f"ZooKeeper hand-over on stop, T={timeout:g} s",
+                                     "ms", samples["handover"], "(info)", None, perl="-",
+                                     notes="A's main exits on stop's TERM -> B's standby inside the function"))
+                self.rows.append(Row(f"zk_failover_{timeout:g}", f"ZooKeeper SIGKILL failover, T={timeout:g} s",
+                                     "ms", samples["failover"], "(info)", None, perl="-",
+                                     notes="the slot moves when A's session expires (about session_timeout)"))
+        finally:
+            server.stop()
+
     # ------------------------------------------------------------------ idle standby
 
     def scenario_idle(self) -> None:
@@ -802,13 +867,15 @@ def _installed_package() -> Path | None:
     return Path(found.stdout.strip()) if found.returncode == 0 and found.stdout.strip() else None
 
 
-SCENARIOS = ["failover", "failover_busy", "pool", "restart", "stop_start", "fork", "idle", "status", "rss", "many"]
+SCENARIOS = ["failover", "failover_busy", "pool", "restart", "stop_start", "fork", "idle", "status", "rss", "many",
+             "zookeeper"]
 ALIASES = {  # row names and short words -> scenario
     "pool_whole": "pool", "restart_gap": "restart", "restart_wall": "restart", "stop": "stop_start",
     "start": "stop_start", "stop_wall": "stop_start", "start_wall": "stop_start",
     "fork_after_failover": "fork", "idle_wakeups": "idle", "idle_cpu": "idle", "status_wall": "status",
     "standby_rss": "rss", "status_all": "many", "status_all_100": "many", "start_100": "many", "busy": "failover_busy",
     "failover_no_respawn": "fork", "import_click": "status", "python_pass": "status", "stop_100": "many",
+    "zk": "zookeeper",
 }
 
 

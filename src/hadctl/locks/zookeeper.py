@@ -88,20 +88,20 @@ class _ToLog(logging.Handler):
 
 def _client(hosts: str, session_timeout: float, fence_grace: float, log: Any) -> KazooClient:
     """A kazoo client that reconnects quickly (every 0.25 s at most while a server is down)
-    and never waits longer than ``attempt_timeout`` for one server's answer."""
+    and never waits longer than ``_attempt_timeout`` for one server's answer."""
     logger = logging.getLogger(f"hadctl.kazoo.{os.getpid()}")
     logger.propagate = False
     if not logger.handlers:
         logger.addHandler(_ToLog(log))
     retry = KazooRetry(max_tries=-1, delay=0.05, backoff=2, max_jitter=0.2, max_delay=0.25)
-    listed = _listed_for_attempts(hosts, session_timeout / attempt_timeout(fence_grace))
+    listed = _listed_for_attempts(hosts, session_timeout / _attempt_timeout(fence_grace))
     try:
         return KazooClient(hosts=listed, timeout=session_timeout, connection_retry=retry, logger=logger)
     except ValueError as exc:  # kazoo parses "host:port,host:port[/chroot]" here
         raise UnreachableError(f"invalid ZooKeeper hosts {hosts!r} (locks.hosts): {exc}") from None
 
 
-def attempt_timeout(fence_grace: float) -> float:
+def _attempt_timeout(fence_grace: float) -> float:
     """The longest wait for one server to answer a connection attempt: half the grace
     (so a retry still fits in it), at least 0.5 s (a healthy server answers in ms)."""
     return max(0.5, fence_grace / 2)
