@@ -155,9 +155,11 @@ def strays(layout: Layout, name: str, starting: list[int] | None = None) -> list
 
 
 def _still_starting(pid: int) -> bool:
-    """A worker whose interpreter is still starting has no folder (the stop-file watch)
-    and no lock file open yet; any other worker has one of them, of its own service."""
-    return not any(target.endswith(".lock") or os.path.isdir(target) for target in _open_files(pid))
+    """A worker that may still be starting: it holds no lock file. (Not "and has no
+    folder open": while the interpreter imports, it holds folders of sys.path open for
+    a moment, and stop then took a starting replacement standby for another
+    service's worker and returned while it ran.) Only waited for, never signalled."""
+    return not any(target.endswith(".lock") for target in _open_files(pid))
 
 
 def is_worker_of(pid: int, layout: Layout, name: str) -> bool:
