@@ -134,7 +134,9 @@ def test_runs_as_configured_user_with_umask_directory_env_and_titles(service, mo
         assert "to stderr" in (shared / "err.log").read_text()
         assert "to stdout" not in (shared / "hadctl.log").read_text()
         lock_fd = int(facts["HADC_lock_fd"])
-        assert eval(facts["fds"]) == [0, 1, 2, lock_fd]  # close_fds_on_start: nothing else inherited
+        alive = [fd for fd, target in eval(facts["links"]).items() if target == str(svc.pid_dir / "hadctl-alive.lock")]
+        assert len(alive) == 1  # held for the process's life, so stop knows when it is gone
+        assert eval(facts["fds"]) == sorted([0, 1, 2, lock_fd, *alive])  # close_fds_on_start: nothing else
         svc.run("stop", check=True)
     finally:
         subprocess.run(["rm", "-rf", str(shared)])

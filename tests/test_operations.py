@@ -7,6 +7,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import HADCTL, pid_alive, wait_until
 
 
@@ -218,3 +220,20 @@ def test_upgrade_without_a_main_exits_1(service, tmp_path):
     svc = service(main_upgrade_file=str(tmp_path / "upgrade-%p"))
     result = svc.run("upgrade", check=1)
     assert "no main is running" in result.stderr
+
+
+@pytest.mark.parametrize("linger, kill_timeout", [(1.5, 3), (30, 0.5)])
+def test_stop_returns_only_once_a_main_that_returned_has_exited(service, no_leftovers, linger, kill_timeout):
+    """A main gives its slot back as its function returns, then may take a while to exit
+    (atexit handlers, a thread that outlives the function): stop must not say 0 while it
+    is still there, and ends it (TERM, KILL) if it takes longer than the stop ladder's step."""
+    svc = service(entrypoint="tests.services.basic:linger", respawn_standby=False, kill_timeout=kill_timeout,
+                  env={"LINGER": str(linger)}, locks={"standby_max_procs": 0})
+    svc.run("start", check=True)
+    wait_until(lambda: _entered(svc), 5, "the main inside its function")
+    main = _entered(svc)[0]
+    wait_until(lambda: svc.run("status").returncode == 3, 5, "the main to give its slot back")
+    assert pid_alive(main)  # returned, slot free, still exiting
+    stopped = svc.run("stop", check=True)
+    assert not pid_alive(main), stopped.stdout  # gone when stop returns
+    assert ("holds no slot but has not exited" in svc.log_file.read_text()) == (linger > kill_timeout)

@@ -403,6 +403,35 @@ def _end_strays(svc: Service, grace: float | None = None) -> int:
     return len(left)
 
 
+def _wait_for_the_last(svc: Service) -> int:
+    """Wait until every process of the service has exited, slot or no slot.
+
+    A main that has returned gives its slot back at once, yet may take a while to
+    exit (atexit handlers, a thread that outlives the function); a standby that its
+    main spawned just before being stopped has no name in pid_dir yet. Every worker
+    holds the alive lock shared for its whole life, so taking it exclusively is the
+    answer. Those still holding it after signal_kill_timeout get TERM, then KILL.
+    Returns how many survived.
+    """
+    path = svc.layout.alive_lock
+    if not os.path.exists(path):
+        return 0  # no worker of this hadctl ever ran here (or HADaemon::Control's)
+    for name in (None, "TERM", "KILL"):
+        if name is not None:
+            for target in [t for t in map(probe.open_target, flock.holders_of(path)) if t is not None]:
+                svc.log.warn(f"pid {target.pid} holds no slot but has not exited: SIG{name}")
+                target.signal(getattr(_signal, "SIG" + name), group=False)
+                target.close()
+        fd = flock.take_control(path, svc.cfg.signal_timeout)
+        if fd is not None:
+            os.close(fd)
+            return 0
+    left = flock.holders_of(path)
+    for pid in left:
+        svc.say(f"pid {pid} (holding no slot) survived TERM and KILL", "Failed", ok=False)
+    return len(left)
+
+
 def _refresh_standbys_stop(svc: Service, reports: list[SlotReport]) -> list[SlotReport]:
     """First half of refreshing the standbys (restart, upgrade): make the standbys
     leave (stop file, so none is spawned meanwhile, and TERM), then remove the stop
@@ -515,7 +544,7 @@ def _stop_locked(svc: Service) -> Outcome:
         for report in [r for r in reports if r.role is Role.MAIN and r.running]:
             if report not in survivors:
                 svc.say(f"main #{report.slot} (pid {report.pid})", "Stopped")
-    strays_left = _end_strays(svc)
+    strays_left = _end_strays(svc) + _wait_for_the_last(svc)
     reports, stale = svc.slots()
     reports += probe.extra_slots(svc.layout, cfg.locks.max_procs, cfg.locks.standby_max_procs)
     _clean_stale(svc, stale)

@@ -3,6 +3,7 @@
 The layout is HADaemon::Control's: ``main-<slot>.pid``, ``standby-<slot>.pid``,
 ``unknown-<pid>.pid``, ``LOCKS/<slot>.lock``, ``STANDBY_LOCKS/<slot>.lock`` and the
 standby stop file. hadctl adds ``hadctl.lock`` (controllers take turns on it),
+``hadctl-alive.lock`` (held shared by every live worker),
 ``main-<slot>.ready`` (readiness) and ``hadctl-starts`` (crash-loop record).
 
 Takes plain strings, not ServiceConfig, because the spawned worker uses it and
@@ -47,6 +48,12 @@ class Layout:
     @property
     def control_lock(self) -> str:
         return os.path.join(self.pid_dir, "hadctl.lock")
+
+    @property
+    def alive_lock(self) -> str:
+        """Every live process of the service holds a shared flock on it for its whole
+        life, so ``stop`` knows when the last one, slot or no slot, has exited."""
+        return os.path.join(self.pid_dir, "hadctl-alive.lock")
 
     @property
     def starts_file(self) -> str:

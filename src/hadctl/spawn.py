@@ -22,6 +22,7 @@ start, for the replacement standby a promoted main spawns: so ``_signal``, not
 from __future__ import annotations
 
 import _signal
+import fcntl
 import marshal
 import os
 import select
@@ -35,6 +36,7 @@ from .log import open_append
 HADCTL_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BOOT = (f"import sys; sys.path.insert(0, {HADCTL_DIR!r}); "
         "from hadctl.worker import main; main()")
+_ALIVE_FD = 4  # where a standby spawned by a main finds the main's alive lock fd
 _RESET_SIGNALS = ("HUP", "INT", "QUIT", "TERM", "USR1", "USR2", "PIPE", "CHLD", "TTIN", "TTOU", "TSTP")
 
 
@@ -309,7 +311,7 @@ def _exec_worker(env: dict[str, str], report_fd: int, spec_fd: int) -> None:
 # ---------------------------------------------------------------- from a main
 
 
-def spawn_from_worker(spec: dict, close: tuple[int, ...] = ()) -> int:  # type: ignore[type-arg]
+def spawn_from_worker(spec: dict, close: tuple[int, ...] = (), alive_fd: int = -1) -> int:  # type: ignore[type-arg]
     """Start a standby from a promoted main, without delaying the main.
 
     posix_spawn (vfork-fast) with setsid: the new process already has the
@@ -317,9 +319,14 @@ def spawn_from_worker(spec: dict, close: tuple[int, ...] = ()) -> int:  # type: 
     set up, and the fds in ``close`` are closed in it (the main lock fd, when
     reset_close_on_exec_main_lock_fd made it inheritable: a standby holding its
     main's lock would wait for itself). Nobody reads its report. Returns its pid.
+
+    ``alive_fd``, the main's hold on the service's alive lock, is passed on at fd 4
+    (``alive_fd`` in its spec): the new process holds it from its first instant, so
+    a stop waits for it even if the main dies before naming it in pid_dir.
     """
     spec_read, spec_write = os.pipe()
     log = open_append(spec["log_file"])
+    alive_copy = -1
     try:
         actions = [
             (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
@@ -327,6 +334,11 @@ def spawn_from_worker(spec: dict, close: tuple[int, ...] = ()) -> int:  # type: 
             (os.POSIX_SPAWN_DUP2, log, 2),
             (os.POSIX_SPAWN_DUP2, spec_read, 3),
         ] + [(os.POSIX_SPAWN_CLOSE, fd) for fd in close if fd > 3]
+        if alive_fd >= 0:
+            # a copy above 3 first: were it fd 3, the spec pipe's dup2 would replace it
+            alive_copy = fcntl.fcntl(alive_fd, fcntl.F_DUPFD_CLOEXEC, 10)
+            actions.append((os.POSIX_SPAWN_DUP2, alive_copy, _ALIVE_FD))  # after the closes: 4 may be one
+            spec = {**spec, "alive_fd": _ALIVE_FD}
         env = {k: v for k, v in os.environ.items() if k != "HADC_lock_fd"}
         pid = os.posix_spawn(sys.executable, [sys.executable, "-c", BOOT, "-1", "3"], env,
                              file_actions=actions, setsid=True,
@@ -340,8 +352,9 @@ def spawn_from_worker(spec: dict, close: tuple[int, ...] = ()) -> int:  # type: 
             pass  # it will try itself, and report what is wrong with pid_dir
         os.write(spec_write, frame_spec(spec))
     finally:
-        for fd in (spec_read, spec_write, log):
-            os.close(fd)
+        for fd in (spec_read, spec_write, log, alive_copy):
+            if fd >= 0:
+                os.close(fd)
     return pid
 
 

@@ -84,6 +84,7 @@ class Worker:
         self.folder_changed = False
         self.waiting = False
         self.watch_fd = -1
+        self.alive_fd = -1
 
     # ------------------------------------------------------------ reporting
 
@@ -107,7 +108,12 @@ class Worker:
         sys.path[:0] = spec["python_path"]
         self._catch_signals()
         self._watch_stop_file()
-        if self._stop_file_exists():
+        try:
+            alive = self._hold_alive_lock()
+        except OSError as exc:
+            self.report(f"error {self.pid} cannot take {exc.filename}: {exc.strerror}")
+            return 1
+        if not alive or self._stop_file_exists():
             self.report(f"stopfile {self.pid}")
             return 0
         try:
@@ -225,6 +231,27 @@ class Worker:
         finally:
             _signal.setitimer(_signal.ITIMER_REAL, 0)
             paths.remove_if_ours(self.layout.backoff_file, self.pid)
+
+    def _hold_alive_lock(self) -> bool:
+        """Hold the service's alive lock shared until we exit: a stop takes it
+        exclusively to know that the last process is gone, even one that holds no
+        slot (a main that has returned but is still exiting). A standby spawned by a
+        main shares the main's hold from birth (``alive_fd``, spawn_from_worker), so a
+        main stopped before it could name its new standby in pid_dir still cannot
+        leave it unseen. False when a stop holds the lock: we must not start."""
+        path = self.layout.alive_lock
+        fd = self.spec.get("alive_fd", -1)
+        if fd >= 0 and not _is_file(fd, path):
+            fd = -1
+        if fd >= 0:
+            os.set_inheritable(fd, False)
+        else:
+            fd = flock.hold_shared(path)
+            if fd is None:
+                return False
+        self.alive_fd = fd
+        os.register_at_fork(after_in_child=lambda: _close_quietly(fd))  # children do not hold it
+        return True
 
     def _rename_pid_file(self, new: str) -> None:
         """Rename our pid file; junk in the way (a folder of that name) is removed, and
@@ -350,7 +377,7 @@ class Worker:
         try:
             lock_fd = hadctl._state.get("lock_fd")
             child = spawn_from_worker({**self.spec, "manual": False},
-                                      close=(lock_fd,) if isinstance(lock_fd, int) else ())
+                                      close=(lock_fd,) if isinstance(lock_fd, int) else (), alive_fd=self.alive_fd)
             self.log.trace(f"spawned replacement standby {child}")
         except OSError as exc:
             self.log.error(f"cannot spawn a replacement standby: {exc.strerror}")
@@ -452,6 +479,15 @@ def _redirect(path: str, target: int) -> None:
     fd = open_append(path)
     os.dup2(fd, target)
     os.close(fd)
+
+
+def _is_file(fd: int, path: str) -> bool:
+    """True when ``fd`` is open on the file at ``path``."""
+    try:
+        mine, there = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
 
 
 def _close_quietly(fd: int) -> None:

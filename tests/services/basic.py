@@ -35,6 +35,16 @@ def serve(*args: object) -> int:
     return 0
 
 
+def linger() -> int:
+    """Returns at once, then the process stays $LINGER seconds more, its slot given back
+    (an atexit handler; a program whose thread outlives its function does the same)."""
+    import atexit
+
+    _ledger("enter")
+    atexit.register(time.sleep, float(os.environ.get("LINGER", "1")))
+    return 0
+
+
 def _open_fds() -> list[int]:
     found = []
     for fd in range(256):
@@ -55,6 +65,7 @@ def report_env() -> int:
         f"HOME={os.environ.get('HOME')}", f"USER={os.environ.get('USER')}",
         f"EXTRA={os.environ.get('EXTRA')}", f"HADC_lock_fd={os.environ.get('HADC_lock_fd')}",
         f"slot={hadctl.slot()}", f"fds={_open_fds()}",
+        f"links={ {fd: os.readlink(f'/proc/self/fd/{fd}') for fd in _open_fds()}!r}",
         f"title={open('/proc/self/cmdline').read().replace(chr(0), ' ').strip()}",
         f"warmup={hadctl.warmup_result()!r}",
     ]

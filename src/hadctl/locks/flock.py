@@ -50,19 +50,42 @@ def note_holder(fd: int, pid: int) -> None:
         pass  # a read-only lock file still locks; the pid is only a hint
 
 
-def try_take(path: str, pid: int) -> int | None:
-    """Take the slot at ``path`` if it is free: returns the fd holding it, or None."""
+def _try_lock(path: str, mode: int) -> int | None:
+    """Open ``path`` and flock it with ``mode`` without waiting: the fd, or None if refused."""
     fd = open_lock_file(path)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         return None
     except BaseException:
         os.close(fd)
         raise
-    note_holder(fd, pid)
     return fd
+
+
+def try_take(path: str, pid: int) -> int | None:
+    """Take the slot at ``path`` if it is free: returns the fd holding it, or None."""
+    fd = _try_lock(path, fcntl.LOCK_EX)
+    if fd is not None:
+        note_holder(fd, pid)
+    return fd
+
+
+def hold_shared(path: str) -> int | None:
+    """A shared flock on ``path`` (the alive lock), for as long as the fd stays open;
+    None when someone holds it exclusively (a stop waiting for the last process)."""
+    return _try_lock(path, fcntl.LOCK_SH)
+
+
+def holders_of(path: str) -> list[int]:
+    """Every process holding a flock on ``path`` through one of its fds (a /proc walk)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return []
+    key = _file_key(st.st_dev, st.st_ino)
+    return [int(name) for name in os.listdir("/proc") if name.isdigit() and holds(int(name), key)]
 
 
 def take_first_free(slots: list[tuple[int, str]], pid: int) -> tuple[int, int] | None:
