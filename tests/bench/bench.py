@@ -673,10 +673,16 @@ class Bench:
                                                  f"session_timeout {timeout:g} s", "(info)",
                                                  f"no ZooKeeper ({zk.JAR}); make system-deps installs it"))
             return
+        from kazoo.client import KazooClient
+
         server = zk.Server(self.root / "zookeeper").start()
+        client = None
         try:
             server.wait_serving(60)
+            client = KazooClient(hosts=server.address)
+            client.start(timeout=10)
             for timeout in timeouts:
+                slot = f"/bench-{timeout:g}/bench-zk/slot-1"
                 hosts = []
                 for host in ("A", "B"):
                     svc = self.service(f"zk-{timeout:g}-{host}", name="bench-zk", respawn_standby=False,
@@ -695,7 +701,8 @@ class Bench:
                         if main is None or standby is None:
                             raise BenchError(f"ZooKeeper: no main on A or no standby on B ({main}, {standby})")
                         wait_until(lambda: main in a.entered(), 10, "A's main inside the function")
-                        time.sleep(0.5)  # pacing: B's standby queues in ZooKeeper after it reports
+                        # B's standby queues in ZooKeeper (a second contender node) after it reports
+                        wait_until(lambda: len(client.get_children(slot)) >= 2, 10, "B's standby in line")
                         if kind == "handover":
                             a.must("stop")
                             began = a.exited().get(main)
@@ -716,6 +723,9 @@ class Bench:
                                      "ms", samples["failover"], "(info)", None, perl="-",
                                      notes="the slot moves when A's session expires (about session_timeout)"))
         finally:
+            if client is not None:
+                client.stop()
+                client.close()
             server.stop()
 
     # ------------------------------------------------------------------ idle standby
