@@ -45,15 +45,22 @@ class Service:
         if not (os.path.isdir(self.layout.lock_path) and os.path.isdir(self.layout.standby_lock_path)):
             # pid_dir (or a lock folder) was removed under running processes (issue #6)
             orphans = {(r.role, r.slot): r for r in probe.orphaned_holders(self.layout)}
-        elif any(r.pid is None and not os.path.lexists(self.layout.lock_file(r.role.value, r.slot)) for r in reports):
-            # a free slot's lock file is missing: never made yet, or deleted under its holder
-            # (a cleaner of old files?), who is then named by a pid file, stale now
+        elif any(r.pid is None for r in reports) and self.lock_file_missing():
+            # never made yet, or deleted under its holder (a cleaner of old files?),
+            # who is then named by a pid file, stale now
             candidates = [item.pid for item in stale + probe.unknown_pid_files(self.layout) if item.pid]
             orphans = {(r.role, r.slot): r for r in probe.orphaned_holders(self.layout, candidates)}
         else:
             return reports, stale
         reports = [orphans.get((r.role, r.slot), r) if r.pid is None else r for r in reports]
         return reports, stale
+
+    def lock_file_missing(self) -> bool:
+        """Some expected slot has no lock file (a few stats: no lock is read)."""
+        locks = self.cfg.locks
+        return any(not os.path.lexists(self.layout.lock_file(role, slot))
+                   for role, count in (("main", locks.max_procs), ("standby", locks.standby_max_procs))
+                   for slot in range(1, count + 1))
 
     def outcome(self, action: str, status: int, slots: list[SlotReport] | None = None,
                 **detail: object) -> Outcome:
@@ -180,11 +187,7 @@ def _check_paths(cfg: ServiceConfig) -> None:
 def _refuse_beside_orphans(svc: Service) -> None:
     """Start nothing beside processes that hold lock files deleted from under them:
     fresh lock files would let a second main in (issue #6)."""
-    layout, locks = svc.layout, svc.cfg.locks
-    expected = [layout.lock_file(role, slot) for role, count in (("main", locks.max_procs),
-                                                                  ("standby", locks.standby_max_procs))
-                for slot in range(1, count + 1)]
-    if all(os.path.lexists(path) for path in expected):
+    if not svc.lock_file_missing():
         return
     orphans = [r for r in svc.slots()[0] if r.running and probe.DELETED_LOCK in r.stale]
     if orphans:
