@@ -223,15 +223,35 @@ def _listdir(folder: str) -> list[str]:
 # ------------------------------------------------------------ processes
 
 
-def stat_fields(pid: int) -> tuple[str, int, int] | None:
-    """(state, process group, session) of ``pid`` from /proc, or None when gone."""
+@record
+class ProcStat:
+    """The fields of /proc/PID/stat that hadctl uses (proc(5)); ``starttime`` is in
+    clock ticks since boot: with the pid, it names one process for ever."""
+
+    state: str
+    ppid: int
+    pgid: int
+    sid: int
+    starttime: int
+
+
+def proc_stat(pid: int) -> ProcStat | None:
+    """/proc/PID/stat of ``pid``, or None when it is gone. The one parser of that
+    file: the command name may hold spaces and parentheses, so fields are counted
+    from the last ``)``."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:
             data = handle.read()
-    except OSError:
+        fields = data[data.rfind(b")") + 2:].split()
+        return ProcStat(fields[0].decode(), int(fields[1]), int(fields[2]), int(fields[3]), int(fields[19]))
+    except (OSError, ValueError, IndexError):
         return None
-    fields = data[data.rfind(b")") + 2:].split()
-    return fields[0].decode(), int(fields[2]), int(fields[3])
+
+
+def stat_fields(pid: int) -> tuple[str, int, int] | None:
+    """(state, process group, session) of ``pid`` from /proc, or None when gone."""
+    found = proc_stat(pid)
+    return None if found is None else (found.state, found.pgid, found.sid)
 
 
 def is_alive(pid: int) -> bool:

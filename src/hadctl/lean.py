@@ -1,0 +1,96 @@
+"""The speed rules, in one named place.
+
+hadctl is run by cron every minute and a standby waits for days, so two budgets
+are kept (tests/test_imports.py makes both executable): a command such as
+``status`` must cost less than ``python -c "import click"``, and a waiting
+standby must stay under 10 MB. Both are lost to a few standard modules that look
+free: ``signal`` (its enums pull in ``enum``, ~2 ms and ~1 MB), ``typing``,
+``dataclasses`` (``inspect`` and friends, ~15 ms), ``threading``, ``re``.
+
+So hadctl's modules take from here instead:
+
+* ``TYPE_CHECKING``: always False at run time; the type checker reads it as
+  typing's (it is a name it knows), so ``if TYPE_CHECKING:`` imports typing only
+  for mypy.
+* signal numbers and calls, typed, over CPython's ``_signal`` (the C module
+  under ``signal``; same functions without the enum wrapping);
+* ``signum(name)``: ``"TERM"`` or ``"SIGTERM"`` → the number, without enum;
+* ``host_id()``: this host's name in lock nodes and events.
+
+Leaf module: imports nothing from hadctl, and nothing heavy.
+"""
+from __future__ import annotations
+
+import os
+
+import _signal  # type: ignore[import-not-found,unused-ignore]  # see the docstring: not signal
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Callable, Union
+
+    Handler = Union[Callable[[int, object], object], int, None]
+
+SIGHUP: int = _signal.SIGHUP
+SIGINT: int = _signal.SIGINT
+SIGQUIT: int = _signal.SIGQUIT
+SIGABRT: int = _signal.SIGABRT
+SIGKILL: int = _signal.SIGKILL
+SIGUSR1: int = _signal.SIGUSR1
+SIGUSR2: int = _signal.SIGUSR2
+SIGALRM: int = _signal.SIGALRM
+SIGTERM: int = _signal.SIGTERM
+SIGCHLD: int = _signal.SIGCHLD
+SIGCONT: int = _signal.SIGCONT
+SIGSTOP: int = _signal.SIGSTOP
+SIGIO: int = _signal.SIGIO
+SIGPIPE: int = _signal.SIGPIPE
+SIG_DFL: int = _signal.SIG_DFL
+SIG_IGN: int = _signal.SIG_IGN
+SIG_SETMASK: int = _signal.SIG_SETMASK
+ITIMER_REAL: int = _signal.ITIMER_REAL
+
+
+def set_handler(signum: int, handler: Handler) -> Handler:
+    """``signal.signal``; returns the previous handler."""
+    previous: Handler = _signal.signal(signum, handler)
+    return previous
+
+
+def set_timer(seconds: float, interval: float = 0.0) -> None:
+    """``setitimer(ITIMER_REAL, ...)``: SIGALRM after ``seconds`` (0 cancels)."""
+    _signal.setitimer(_signal.ITIMER_REAL, seconds, interval)
+
+
+def pause() -> None:
+    """Sleep until a signal arrives (its handler has run on return)."""
+    _signal.pause()
+
+
+def pidfd_send_signal(pidfd: int, signum: int) -> None:
+    """Signal the process behind ``pidfd`` (never a recycled pid)."""
+    _signal.pidfd_send_signal(pidfd, signum)
+
+
+def pthread_kill(thread_id: int, signum: int) -> None:
+    _signal.pthread_kill(thread_id, signum)
+
+
+def unblock_all() -> None:
+    """Clear the signal mask (a caller may have blocked some; a daemon must not inherit that)."""
+    _signal.pthread_sigmask(_signal.SIG_SETMASK, [])
+
+
+def signum(name: str) -> int:
+    """``"TERM"``, ``"SIGTERM"`` → 15; ValueError for an unknown name."""
+    key = name.upper()
+    key = key if key.startswith("SIG") else "SIG" + key
+    value = getattr(_signal, key, None)
+    if not isinstance(value, int) or key.startswith("SIG_"):
+        raise ValueError(f"unknown signal {name!r}")
+    return value
+
+
+def host_id() -> str:
+    """This host's name in lock nodes and events: ``$HADCTL_HOST_ID``, else the node name."""
+    return os.environ.get("HADCTL_HOST_ID") or os.uname().nodename
