@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 
 import chaos
 from conftest import HADCTL, ROOT, pid_alive, wait_until
-from hadctl.config import INIT_KEYS, LOCKS_KEYS, REQUIRED, TOP_KEYS
+from hadctl.config import INIT_KEYS, LOCKS_KEYS, REQUIRED, TOP_KEYS, all_keys
 
 MARK = "HADCTL_TEST_ID"
 CHAOS_OPERATIONS = 35
@@ -530,7 +530,12 @@ WRONG_TYPE = {
     "locks.standby_max_procs": "1.0", "locks.retries": "true",
     **{key: '"1s"' for key in ("kill_timeout", "signal_kill_timeout", "stop_file_kill_timeout", "upgrade_timeout",
                                "start_limit_interval", "restart_backoff_max", "ready_timeout",
-                               "locks.session_timeout", "locks.fence_grace", "locks.interval")},
+                               "locks.session_timeout", "locks.fence_grace", "locks.interval",
+                               "watchdog_timeout")},
+    "listen": '"127.0.0.1:80"', "listen_backlog": '"8"', "listen_mode": "1.5", "watchdog_signal": "6",
+    "max_rss": "true", "env_file": "3", "pass_env": '"HOME"', "reopen_signal": "12", "syslog_facility": "3",
+    **{f"limits.{key}": "1.5" for key in ("nofile", "nproc", "core", "memlock", "as", "memory_max", "pids_max")},
+    "limits.cpu_max": "0.5",
 }
 
 
@@ -549,7 +554,7 @@ def _config_with(folder: Path, key: str, value: str) -> str:
 
 
 def _refusal_cases() -> list[tuple[str, str]]:
-    keys = list(TOP_KEYS) + [f"locks.{k}" for k in LOCKS_KEYS] + [f"init.{k}" for k in INIT_KEYS]
+    keys = all_keys()
     cases = []
     for key in keys:  # a date-time is refused everywhere; an inline table is tried where tables are near
         for value in (DATETIME, WRONG_TYPE.get(key, INLINE_TABLE), INLINE_TABLE if key in ("args", "env") else None):
@@ -564,8 +569,7 @@ def _run_in(folder: Path, config: Path, *args: str, timeout: float = 30) -> subp
 
 
 def test_every_key_with_a_wrong_type_is_refused_with_6_and_one_line(tmp_path, no_leftovers):
-    assert set(WRONG_TYPE) - set(TOP_KEYS) - {f"locks.{k}" for k in LOCKS_KEYS} - {f"init.{k}" for k in INIT_KEYS} \
-        == set(), "WRONG_TYPE names a key the loader does not know"
+    assert set(WRONG_TYPE) - set(all_keys()) == set(), "WRONG_TYPE names a key the loader does not know"
     cases = _refusal_cases()
 
     def one(index_case: tuple[int, tuple[str, str]]) -> str | None:
@@ -621,6 +625,29 @@ BAD_FILES: list[tuple[str, str, str]] = [
      'key "entrypoint"'),
     ("entrypoint two colons", '!name = "svc"\nentrypoint = "a:b:c"\npid_dir = "r"\nlog_file = "l"', 'key "entrypoint"'),
     ("name with a slash", '!name = "a/b"\nentrypoint = "a:b"\npid_dir = "r"\nlog_file = "l"', 'key "name"'),
+    # names and paths are printed and written: no control characters in them (ESC, CR, U+2028)
+    *[(f"name with {what}", f'!name = "a{char}b"\nentrypoint = "a:b"\npid_dir = "r"\nlog_file = "l"', 'key "name"')
+      for what, char in (("ESC", "\\u001b"), ("CR", "\\r"), ("U+2028", "\\u2028"))],
+    ("stdout_file with a newline", 'stdout_file = "a\\nb"', 'key "stdout_file"'),
+    ("user with ESC", 'user = "a\\u001b"', 'key "user"'),
+    ("uid beyond 2^32-2", "uid = 4294967295", 'key "uid"'),
+    ("gid negative", "gid = -1", 'key "gid"'),
+    ("args nested 500 deep", "args = " + "[" * 500 + "]" * 500, "nested too deep"),
+    ("args nested 40 deep", "args = " + "[" * 40 + "]" * 40, 'key "args"'),
+    ("NUL in an env value", 'env = { A = "x\\u0000y" }', 'key "env"'),
+    ("ESC in an env name", 'env = { "A\\u001b" = "x" }', 'key "env"'),
+    ("NUL in args", 'args = ["x\\u0000"]', 'key "args"'),
+    ("listen without port", 'listen = ["127.0.0.1"]', 'key "listen"'),
+    ("listen port out of range", 'listen = ["127.0.0.1:65536"]', 'key "listen"'),
+    ("listen v6 without brackets", 'listen = ["::1:80"]', 'key "listen"'),
+    ("listen relative unix path", 'listen = ["unix:run/x.sock"]', 'key "listen"'),
+    ("listen twice", 'listen = ["*:80", "*:80"]', 'key "listen"'),
+    ("watchdog_signal STOP", 'watchdog_signal = "STOP"', 'key "watchdog_signal"'),
+    ("max_rss bad unit", 'max_rss = "12X"', 'key "max_rss"'),
+    ("cpu_max without %", '[limits]\ncpu_max = "50"', 'key "limits.cpu_max"'),
+    ("unknown limit", '[limits]\nstack = 1', 'unknown key "limits.stack"'),
+    ("pass_env bad name", 'pass_env = ["A=B"]', 'key "pass_env"'),
+    ("unknown facility", 'syslog_facility = "local9"', 'key "syslog_facility"'),
     ("directory missing", 'directory = "/nonexistent/folder"', 'key "directory"'),
     ("duplicate key", '!name = "a"\nname = "b"\nentrypoint = "a:b"\npid_dir = "r"\nlog_file = "l"', "invalid TOML"),
     ("unclosed string", '!name = "svc\nentrypoint = "a:b"', "invalid TOML"),
@@ -846,7 +873,11 @@ _DANGEROUS = {"locks.max_procs", "locks.standby_max_procs", "stop_signals", "use
               "kill_timeout", "signal_kill_timeout", "stop_file_kill_timeout", "main_stop_file", "ready_timeout",
               "warmup", "directory", "python_path", "env", "locks.engine", "locks.hosts", "pid_dir", "log_file",
               "stdout_file", "stderr_file", "standby_stop_file", "locks.path", "locks.standby_path",
-              "main_upgrade_file", "name", "entrypoint", "locks.interval", "locks.retries"}
+              "main_upgrade_file", "name", "entrypoint", "locks.interval", "locks.retries",
+              # sockets, a watchdog, memory and rlimits, the environment: valid values change
+              # what a worker may do here (bind ports, be killed early), so wrong types only
+              "listen", "listen_backlog", "listen_mode", "watchdog_timeout", "watchdog_signal", "max_rss",
+              "env_file", "pass_env", "reopen_signal", "syslog_facility"}
 
 
 @st.composite

@@ -11,18 +11,18 @@ import grp
 import math
 import os
 import pwd
-import _signal  # not signal: its enum costs every command milliseconds
 
+from . import lean
 from .errors import ConfigError
 from .record import record
 
-TYPE_CHECKING = False  # not typing's: importing typing costs a fast command milliseconds
-if TYPE_CHECKING:
+if lean.TYPE_CHECKING:
     from typing import Any, Callable
 
     Check = Callable[[Any], Any]
 
 DEFAULT_STOP_SIGNALS = ("TERM", "TERM", "INT", "KILL")
+SYSLOG = "syslog"  # stdout_file / stderr_file: lines go to the local syslog socket
 
 
 @record
@@ -49,6 +49,35 @@ class InitConfig:
     lsb_stop: str = "$remote_fs $syslog"
     lsb_sdesc: str | None = None
     lsb_desc: str | None = None
+
+
+@record
+class ListenAddress:
+    """One listening socket of ``listen``: ``kind`` is "inet", "inet6" or "unix"; ``host``
+    is "" for every address ("*:80"); ``path`` only for unix sockets."""
+
+    address: str
+    name: str
+    kind: str
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+
+@record
+class LimitsConfig:
+    """``[limits]``: rlimits of every worker (None = the documented default, see
+    DEFAULT_RLIMITS) and cgroup v2 limits of the service (None = unset)."""
+
+    nofile: int | None = None
+    nproc: int | None = None
+    core: int | None = None
+    memlock: int | None = None
+    # "as" is a Python keyword: the TOML key as, the field address_space
+    address_space: int | None = None
+    memory_max: int | None = None
+    cpu_max: float | None = None
+    pids_max: int | None = None
 
 
 @record
@@ -101,6 +130,17 @@ class ServiceConfig:
     ready_timeout: float | None = None
     locks: LocksConfig = LocksConfig()
     init: InitConfig = InitConfig()
+    listen: tuple[ListenAddress, ...] = ()
+    listen_backlog: int | None = None
+    listen_mode: int = 0o660
+    watchdog_timeout: float | None = None
+    watchdog_signal: str = "ABRT"
+    max_rss: int | None = None
+    limits: LimitsConfig = LimitsConfig()
+    env_file: tuple[str, ...] = ()
+    pass_env: tuple[str, ...] = ()
+    reopen_signal: str = "USR2"
+    syslog_facility: str = "daemon"
 
     @property
     def signal_timeout(self) -> float:
@@ -190,9 +230,26 @@ def _nonempty(value: Any) -> str:
     return text
 
 
+# Printed to terminals and logs, written into pid files and init scripts: a name or
+# path with a control character (ESC, CR, a line separator) could rewrite what an
+# operator reads, so none is accepted.
+_CONTROL = frozenset(chr(c) for c in (*range(32), *range(127, 160), 0x2028, 0x2029))
+
+
+def _no_control(text: str) -> str:
+    bad = next((c for c in text if c in _CONTROL), None)
+    if bad is not None:
+        raise _Refusal(f"expected no control characters, got {ascii(bad)} in {_describe(text)}")
+    return text
+
+
+def _path(value: Any) -> str:
+    return _no_control(_nonempty(value))
+
+
 def _name(value: Any) -> str:
-    text = _nonempty(value)
-    if "\n" in text or "/" in text or len(text) > 200:
+    text = _no_control(_nonempty(value))
+    if "/" in text or len(text) > 200:
         raise _Refusal(f"expected a one-line name without '/', got {_describe(value)}")
     return text
 
@@ -210,16 +267,55 @@ def _boolean(value: Any) -> bool:
     return value
 
 
-def _integer(minimum: int) -> Check:
+def _integer(minimum: int, maximum: int = 10_000) -> Check:
+    """An integer in [minimum, maximum]; the default cap suits counts of slots and
+    processes, ids and limits pass their own."""
     def check(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise _Refusal(f"expected an integer >= {minimum}, got {_describe(value)}")
         if value < minimum:
             raise _Refusal(f"expected an integer >= {minimum}, got {value}")
-        if value > 10_000:
-            raise _Refusal(f"expected an integer <= 10000, got {value}")
+        if value > maximum:
+            raise _Refusal(f"expected an integer <= {maximum}, got {value}")
         return value
     return check
+
+
+ID_MAX = 2**32 - 2  # (uid_t)-1 means "unchanged" to setuid/chown
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def _bytes(value: Any) -> int:
+    """A size: an integer of bytes or a string like "512M" (K, M, G, T: powers of 1024)."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**63:
+        return value
+    if isinstance(value, str):
+        text = value.strip().upper().removesuffix("B")
+        number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "")
+        if number.isdigit() and 0 < int(number) * _UNITS[unit] < 2**63:
+            return int(number) * _UNITS[unit]
+    raise _Refusal(f'expected a size like "512M" or a number of bytes > 0, got {_describe(value)}')
+
+
+RLIMIT_INFINITY = -1
+
+
+def _rlimit(value: Any) -> int:
+    """An rlimit: a whole number >= 0, or "infinity" (RLIMIT_INFINITY)."""
+    if value == "infinity":
+        return RLIMIT_INFINITY
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63:
+        return value
+    raise _Refusal(f'expected a whole number >= 0 or "infinity", got {_describe(value)}')
+
+
+def _cpu_max(value: Any) -> float:
+    """A share of one CPU: "50%", "200%" (two CPUs)."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        number = value.strip()[:-1]
+        if number.replace(".", "", 1).isdigit() and 0 < float(number) <= 100_000:
+            return float(number) / 100
+    raise _Refusal(f'expected a share of a CPU like "50%", got {_describe(value)}')
 
 
 def _seconds(positive: bool = False) -> Check:
@@ -243,13 +339,20 @@ def _string_list(value: Any) -> tuple[str, ...]:
     return tuple(_string(item) for item in value)
 
 
-def _plain(value: Any) -> Any:
+MAX_DEPTH = 32  # of lists and tables in args: deeper is a mistake, and would overflow a stack
+
+
+def _plain(value: Any, depth: int = 0) -> Any:
+    if depth > MAX_DEPTH:
+        raise _Refusal(f"lists and tables nested deeper than {MAX_DEPTH} levels")
     if isinstance(value, (str, bool, int, float)):
+        if isinstance(value, str) and "\x00" in value:
+            raise _Refusal("expected strings without NUL characters")
         return value
     if isinstance(value, list):
-        return [_plain(item) for item in value]
+        return [_plain(item, depth + 1) for item in value]
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): _plain(v, depth + 1) for k, v in value.items()}
     raise _Refusal(f"expected strings, numbers, booleans, lists or tables, got {_describe(value)}")
 
 
@@ -286,17 +389,94 @@ def _is_entrypoint(text: str) -> bool:
     return bool(colon) and all(part.isidentifier() for part in module.split(".") + function.split("."))
 
 
+def _signal_name(value: Any) -> str:
+    """A signal by name ("TERM" or "SIGTERM"), stored without "SIG"; STOP, CONT and
+    CHLD cannot stop or wake anything and are refused."""
+    text = _string(value).upper().removeprefix("SIG")
+    try:
+        lean.signum(text)
+    except ValueError:
+        raise _Refusal(f"unknown or unusable signal {_describe(value)}") from None
+    if not text.isalnum() or text in ("STOP", "CONT", "CHLD"):
+        raise _Refusal(f"unknown or unusable signal {_describe(value)}")
+    return text
+
+
 def _signals(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not value:
         raise _Refusal(f'expected a non-empty list of signal names like ["TERM", "KILL"], got {_describe(value)}')
-    names = []
-    for item in value:
-        text = _string(item).upper().removeprefix("SIG")
-        if not text.isalnum() or not isinstance(getattr(_signal, "SIG" + text, None), int) \
-                or text in ("STOP", "CONT", "CHLD", "IGN", "DFL"):
-            raise _Refusal(f"unknown or unusable signal {_describe(item)}")
-        names.append(text)
-    return tuple(names)
+    return tuple(_signal_name(item) for item in value)
+
+
+def _variable_name(key: Any) -> str:
+    if not isinstance(key, str) or not key or "=" in key or any(c in _CONTROL for c in key) or key[0].isdigit():
+        raise _Refusal(f"invalid variable name {_describe(key)}")
+    return key
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise _Refusal(f"expected a list of variable names, got {_describe(value)}")
+    return tuple(_variable_name(item) for item in value)
+
+
+def _paths(value: Any) -> tuple[str, ...]:
+    """One path or a list of paths (env_file: a leading "-" marks an optional file)."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise _Refusal(f"expected a path or a list of paths, got {_describe(value)}")
+    return tuple(_path(item) for item in items)
+
+
+FACILITIES = ("kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp", "cron", "authpriv",
+              "ftp", *(f"local{n}" for n in range(8)))
+
+
+def _listen(value: Any) -> tuple[ListenAddress, ...]:
+    if not isinstance(value, list):
+        raise _Refusal(f'expected a list of addresses like ["127.0.0.1:8080", "unix:/run/x.sock"], '
+                       f"got {_describe(value)}")
+    found = []
+    for number, item in enumerate(value):
+        name = f"listen{number}" if number else "listen"
+        if isinstance(item, dict):
+            unknown = set(item) - {"address", "name"}
+            if unknown or "address" not in item:
+                raise _Refusal(f"expected a table {{ address = ..., name = ... }}, got {_describe(item)}")
+            name = _variable_name(_string(item.get("name", name)))
+            if ":" in name:
+                raise _Refusal(f"a socket name may not contain ':', got {_describe(name)}")
+            item = item["address"]
+        found.append(parse_address(_no_control(_nonempty(item)), name))
+    addresses = [a.address for a in found]
+    names = [a.name for a in found]
+    for seen in (addresses, names):
+        twice = next((x for x in seen if seen.count(x) > 1), None)
+        if twice is not None:
+            raise _Refusal(f"{twice!r} is listed twice")
+    return tuple(found)
+
+
+def parse_address(text: str, name: str) -> ListenAddress:
+    """``HOST:PORT``, ``[V6]:PORT``, ``*:PORT``, ``unix:/path`` → ListenAddress."""
+    if text.startswith("unix:"):
+        path = text[len("unix:"):]
+        if not path.startswith("/") or len(path.encode()) > 107:
+            raise _Refusal(f"expected unix:/absolute/path (at most 107 bytes), got {_describe(text)}")
+        return ListenAddress(text, name, "unix", path=os.path.normpath(path))
+    host, colon, port = text.rpartition(":")
+    if not colon or not port.isdigit() or not 0 < int(port) < 65536:
+        raise _Refusal(f'expected "HOST:PORT", "[::1]:PORT", "*:PORT" or "unix:/path", got {_describe(text)}')
+    kind = "inet"
+    if host.startswith("[") and host.endswith("]"):
+        host, kind = host[1:-1], "inet6"
+        if ":" not in host:
+            raise _Refusal(f"expected an IPv6 address in brackets, got {_describe(text)}")
+    elif host in ("*", ""):
+        host = ""
+    elif ":" in host:
+        raise _Refusal(f"put an IPv6 address in brackets ([::1]:PORT), got {_describe(text)}")
+    return ListenAddress(text, name, kind, host, int(port))
 
 
 def _env(value: Any) -> tuple[tuple[str, str], ...]:
@@ -304,10 +484,11 @@ def _env(value: Any) -> tuple[tuple[str, str], ...]:
         raise _Refusal(f"expected a table of strings, got {_describe(value)}")
     pairs = []
     for key, item in value.items():
-        if not key or "=" in key or "\x00" in key:
-            raise _Refusal(f"invalid variable name {_describe(key)}")
+        _variable_name(key)
         if isinstance(item, bool) or not isinstance(item, (str, int, float)):
             raise _Refusal(f"variable {key}: expected a string, got {_describe(item)}")
+        if "\x00" in str(item):
+            raise _Refusal(f"variable {key}: a value cannot hold a NUL character")
         pairs.append((key, str(item)))
     return tuple(pairs)
 
@@ -326,16 +507,16 @@ TOP_KEYS: dict[str, Check] = {
     "entrypoint": _entrypoint,
     "args": _args,
     "python_path": _string_list,
-    "pid_dir": _nonempty,
-    "log_file": _nonempty,
-    "stdout_file": _nonempty,
-    "stderr_file": _nonempty,
-    "user": _nonempty,
-    "group": _nonempty,
-    "uid": _integer(0),
-    "gid": _integer(0),
+    "pid_dir": _path,
+    "log_file": _path,
+    "stdout_file": _path,
+    "stderr_file": _path,
+    "user": _name,
+    "group": _name,
+    "uid": _integer(0, ID_MAX),
+    "gid": _integer(0, ID_MAX),
     "umask": _umask,
-    "directory": _nonempty,
+    "directory": _path,
     "env": _env,
     "process_name_change": _boolean,
     "close_fds_on_start": _boolean,
@@ -344,9 +525,9 @@ TOP_KEYS: dict[str, Check] = {
     "kill_timeout": _seconds(),
     "signal_kill_timeout": _seconds(),
     "stop_file_kill_timeout": _seconds(),
-    "main_stop_file": _nonempty,
-    "standby_stop_file": _nonempty,
-    "main_upgrade_file": _nonempty,
+    "main_stop_file": _path,
+    "standby_stop_file": _path,
+    "main_upgrade_file": _path,
     "upgrade_timeout": _seconds(),
     "quiet": _boolean,
     "kill_mode": _choice("group", "process"),
@@ -356,6 +537,16 @@ TOP_KEYS: dict[str, Check] = {
     "restart_backoff_max": _seconds(),
     "warmup": _entrypoint,
     "ready_timeout": _seconds(positive=True),
+    "listen": _listen,
+    "listen_backlog": _integer(1, 65535),
+    "listen_mode": _umask,
+    "watchdog_timeout": _seconds(positive=True),
+    "watchdog_signal": _signal_name,
+    "max_rss": _bytes,
+    "env_file": _paths,
+    "pass_env": _names,
+    "reopen_signal": _signal_name,
+    "syslog_facility": _choice(*FACILITIES),
 }
 LOCKS_KEYS: dict[str, Check] = {
     "engine": _choice("flock", "zookeeper"),
@@ -367,11 +558,15 @@ LOCKS_KEYS: dict[str, Check] = {
     "standby_max_procs": _integer(0),
     "interval": _seconds(positive=True),
     "retries": _integer(0),
-    "path": _nonempty,
-    "standby_path": _nonempty,
+    "path": _path,
+    "standby_path": _path,
 }
 INIT_KEYS: dict[str, Check] = {
     key: _string for key in ("path", "init_config", "init_code", "lsb_start", "lsb_stop", "lsb_sdesc", "lsb_desc")
+}
+LIMITS_KEYS: dict[str, Check] = {
+    "nofile": _rlimit, "nproc": _rlimit, "core": _rlimit, "memlock": _rlimit, "as": _rlimit,
+    "memory_max": _bytes, "cpu_max": _cpu_max, "pids_max": _integer(1, 4_194_304),
 }
 REQUIRED = ("name", "entrypoint", "pid_dir", "log_file")
 # HADaemon::Control spellings users will try first, so the error can point the way.
@@ -381,7 +576,8 @@ HADC_NAMES = {"program_args": "args", "program": "entrypoint", "ipc_cl_options":
 
 def all_keys() -> list[str]:
     """Every key the loader accepts, as documented ("locks.max_procs" style for tables)."""
-    return (list(TOP_KEYS) + [f"locks.{k}" for k in LOCKS_KEYS] + [f"init.{k}" for k in INIT_KEYS])
+    return (list(TOP_KEYS) + [f"locks.{k}" for k in LOCKS_KEYS] + [f"init.{k}" for k in INIT_KEYS]
+            + [f"limits.{k}" for k in LIMITS_KEYS])
 
 
 def _unknown(where: str, key: str, known: list[str]) -> str:
@@ -449,6 +645,8 @@ def _read_toml(path: str) -> dict[str, Any]:
         parsed = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except RecursionError:  # the parser recurses once per nested array or inline table
+        raise ConfigError(f"{path}: invalid TOML: arrays or tables nested too deep") from None
     parsecache.store(path, data, parsed)
     return parsed
 
@@ -498,7 +696,7 @@ def load(path: str) -> ServiceConfig:
     """
     path = os.path.abspath(path)
     raw = _read_toml(path)
-    tables = {"locks": LOCKS_KEYS, "init": INIT_KEYS}
+    tables = {"locks": LOCKS_KEYS, "init": INIT_KEYS, "limits": LIMITS_KEYS}
     top_raw = {k: v for k, v in raw.items() if k not in tables}
     top = _validate_table(path, "", top_raw, TOP_KEYS)
     sections: dict[str, dict[str, Any]] = {}
@@ -515,8 +713,13 @@ def load(path: str) -> ServiceConfig:
     pid_dir = _resolve(base, top["pid_dir"])
     for key in ("log_file", "stdout_file", "stderr_file", "directory", "main_stop_file",
                 "standby_stop_file", "main_upgrade_file"):
-        if key in top:
+        if key in top and not (key in ("stdout_file", "stderr_file") and top[key] == SYSLOG):
             top[key] = _resolve(base, top[key])
+    if "env_file" in top:
+        top["env_file"] = tuple(("-" if p.startswith("-") else "") + _resolve(base, p.removeprefix("-"))
+                                for p in top["env_file"])
+    if top.get("watchdog_timeout") is not None and top["watchdog_timeout"] < 0.05:
+        raise ConfigError(f'{path}: key "watchdog_timeout": expected at least 0.05 s, got {top["watchdog_timeout"]:g}')
     if "python_path" in top:
         top["python_path"] = tuple(_resolve(base, p) for p in top["python_path"])
     if "directory" in top and not os.path.isdir(top["directory"]):
@@ -550,4 +753,8 @@ def load(path: str) -> ServiceConfig:
     top["identity"] = _identity(path, top)
     top.setdefault("standby_stop_file", os.path.join(pid_dir, "standby-stop-file"))
     top["pid_dir"] = pid_dir
-    return ServiceConfig(config_file=path, locks=LocksConfig(**locks), init=InitConfig(**init), **top)
+    limits = sections["limits"]
+    if "as" in limits:
+        limits["address_space"] = limits.pop("as")
+    return ServiceConfig(config_file=path, locks=LocksConfig(**locks), init=InitConfig(**init),
+                         limits=LimitsConfig(**limits), **top)
