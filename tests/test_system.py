@@ -305,7 +305,7 @@ def test_man_page_names_every_action_in_actions_and_help():
 def test_man_page_names_every_config_key_in_its_table():
     sections = _man_sections()
     tables = {"": _tags(sections["Top-level keys"]), "locks": _tags(sections["[locks] table"]),
-              "init": _tags(sections["[init] table"])}
+              "init": _tags(sections["[init] table"]), "limits": _tags(sections["[limits] table"])}
     for key in config.all_keys():
         table, _, name = key.rpartition(".")
         assert name in tables[table], f"man page lacks key {key}"
