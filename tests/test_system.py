@@ -133,7 +133,7 @@ def test_init_script_bad_or_missing_action_is_2_with_usage(service, tmp_path):
     for args in (["bogus"], [], ["start-now"]):
         result = sh(script, *args)
         assert result.returncode == 2 and result.stderr.startswith("Usage: "), args
-        assert "start|stop|restart|try-restart|force-reload|reload|status|fork|hard-restart" in result.stderr
+        assert "start|stop|restart|hard-restart|fork|reload|status|try-restart|force-reload" in result.stderr
     assert not svc.pid_dir.exists()  # and nothing ran
 
 
