@@ -21,9 +21,8 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from conftest import HADCTL, ROOT, Service, make_services, pid_alive, wait_until
-
 import hadctl
+from conftest import HADCTL, ROOT, Service, make_services, pid_alive, wait_until
 from hadctl import cli, config, initfile
 
 MAN_PAGE = ROOT / "man" / "hadctl.1"
@@ -51,7 +50,7 @@ def write_init_script(svc: Service, folder: Path) -> Path:
 def split_units(text: str) -> dict[str, str]:
     """``get-systemd-unit`` output -> {file name: unit text}, split at the marker lines."""
     parts = MARKER.split(text)
-    return dict(zip(parts[1::2], parts[2::2]))
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
 
 
 @pytest.fixture
@@ -90,7 +89,8 @@ def test_init_script_starts_reports_and_stops_the_service(odd_service, tmp_path)
     ledger = tmp_path / "ledger"
     svc = odd_service(entrypoint="tests.services.basic:report_env",
                       env={"LEDGER": str(ledger), "REPORT": str(report)},
-                      init={"init_config": str(defaults), "init_code": 'EXTRA="$EXTRA_VALUE, then init_code"\nexport EXTRA'})
+                      init={"init_config": str(defaults),
+                            "init_code": 'EXTRA="$EXTRA_VALUE, then init_code"\nexport EXTRA'})
     script = write_init_script(svc, tmp_path / "init.d")
 
     stopped = sh(script, "status")

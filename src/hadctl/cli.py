@@ -29,7 +29,8 @@ class _Group(click.Group):
         action = find(cmd_name)
         return super().get_command(ctx, action.name if action else cmd_name)
 
-    def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[str | None, click.Command | None, list[str]]:
+    def resolve_command(self, ctx: click.Context,
+                        args: list[str]) -> tuple[str | None, click.Command | None, list[str]]:
         name, command, rest = super().resolve_command(ctx, args)
         return (command.name if command else name), command, rest
 

@@ -26,7 +26,8 @@ import sys
 from .lean import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from typing import Callable, NoReturn
+    from collections.abc import Callable
+    from typing import NoReturn
 
     from .config import ServiceConfig
     from .model import Outcome
