@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 HADCTL := $(VENV)/bin/hadctl
 STAMP  := $(VENV)/.installed
 
-.PHONY: install system-deps demo demo-stop test bench chaos man lint clean
+.PHONY: install system-deps demo demo-stop test test-pythons bench chaos man lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,26 @@ demo-stop: install
 test: install system-deps
 	$(PY) -m pytest -q tests
 
+# The suite under every interpreter 3.10+ that pyenv holds, each in its own
+# venv (.venv-3.X, made once): one summary line per interpreter. TESTS narrows it.
+PYENV_VERSIONS ?= /root/.pyenv/versions
+PYTHONS ?= $(sort $(wildcard $(PYENV_VERSIONS)/3.1[0-9]*))
+TESTS ?= tests
+
+test-pythons: system-deps
+	@test -n "$(PYTHONS)" || { echo "no Python 3.10+ under $(PYENV_VERSIONS)"; exit 1; }
+	@failed=0; for dir in $(PYTHONS); do \
+	  version=$$(basename $$dir | cut -d. -f1,2); venv=.venv-$$version; \
+	  if [ ! -f $$venv/.installed ]; then \
+	    $$dir/bin/python3 -m venv $$venv && \
+	    $$venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' >$$venv.log 2>&1 && \
+	    touch $$venv/.installed || { echo "$$version: cannot install (see $$venv.log)"; failed=1; continue; }; \
+	  fi; \
+	  out=$$($$venv/bin/python -m pytest -q $(TESTS) 2>&1); rc=$$?; \
+	  echo "$$version ($$($$venv/bin/python -c 'import platform; print(platform.python_version())')): $$(printf '%s\n' "$$out" | tail -1)"; \
+	  [ $$rc -eq 0 ] || failed=1; \
+	done; exit $$failed
+
 bench: install
 	$(PY) tests/bench/bench.py
 
@@ -43,10 +63,11 @@ chaos: install
 man:
 	man -l man/hadctl.1
 
+# Pinned: a new ruff or mypy release must not turn lint red on its own.
 lint: install
-	$(PY) -m pip install -q mypy ruff
+	$(PY) -m pip install -q --disable-pip-version-check ruff==0.8.6 mypy==2.4.1
+	$(PY) -m ruff check src tests
 	$(PY) -m mypy
-	$(PY) -m ruff check src
 
 clean:
 	rm -rf $(VENV) run build src/*.egg-info

@@ -135,7 +135,7 @@ def wait_for(predicate: Callable[[], object], timeout: float, step: float = 0.00
 
 _GATE = (
     "import os, sys\n"
-    "from hadctl.cli import run\n"
+    "from hadctl.entry import run\n"
     "fd = int(os.environ.pop('HADCTL_GATE_FD'))\n"
     "os.write(fd, b'.')\n"
     "os.close(fd)\n"

@@ -1,11 +1,66 @@
 """Import hygiene (STYLE §1): the core never imports click or rich; the worker and
 the fast command path stay small (each import here costs every standby or every
-``hadctl status``)."""
+``hadctl status``); the speed tricks live in hadctl/lean.py alone."""
 from __future__ import annotations
 
 import ast
+import pathlib
 import subprocess
 import sys
+
+TOML = "tomllib" if sys.version_info >= (3, 11) else "tomli"  # what config reads TOML with
+SRC = pathlib.Path(__file__).resolve().parent.parent / "src" / "hadctl"
+
+
+def _modules() -> dict[str, ast.Module]:
+    return {str(path.relative_to(SRC)): ast.parse(path.read_text(), str(path)) for path in sorted(SRC.rglob("*.py"))}
+
+
+def _imported(node: ast.AST) -> list[str]:
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    if isinstance(node, ast.ImportFrom) and not node.level and node.module:
+        return [node.module]
+    return []
+
+
+def test_only_lean_imports_signal():
+    """signal costs enum (~2 ms, ~1 MB); _signal is a CPython detail: both only behind lean's names."""
+    offenders = sorted(f"{name}:{node.lineno} imports {module}"
+                       for name, tree in _modules().items() if name != "lean.py"
+                       for node in ast.walk(tree) for module in _imported(node)
+                       if module.split(".")[0] in ("signal", "_signal"))
+    assert not offenders, "use hadctl.lean instead:\n" + "\n".join(offenders)
+
+
+def test_only_lean_defines_type_checking():
+    """``TYPE_CHECKING = False`` is one trick with one home: ``from .lean import TYPE_CHECKING``."""
+    offenders = []
+    for name, tree in _modules().items():
+        for node in ast.walk(tree):
+            targets = node.targets if isinstance(node, ast.Assign) else \
+                [node.target] if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else []
+            if name != "lean.py" and any(isinstance(t, ast.Name) and t.id == "TYPE_CHECKING" for t in targets):
+                offenders.append(f"{name}:{node.lineno}")
+    assert not offenders, "import TYPE_CHECKING from hadctl.lean instead: " + ", ".join(offenders)
+
+
+def test_the_rules_see_a_breach(tmp_path):
+    """The two rules above find what they look for (an ast walk that matched nothing would pass)."""
+    tree = ast.parse("import _signal\nfrom signal import SIGTERM\nTYPE_CHECKING = False\n")
+    assert [m for node in ast.walk(tree) for m in _imported(node)] == ["_signal", "signal"]
+    assert any(isinstance(node, ast.Assign) and node.targets[0].id == "TYPE_CHECKING"  # type: ignore[attr-defined]
+               for node in ast.walk(tree))
+    assert "lean.py" in _modules() and "locks/flock.py" in _modules()
+
+
+def test_entry_never_imports_cli_at_module_level():
+    """cli imports entry; entry reaches cli only inside run, for what its fast path does not take."""
+    tree = _modules()["entry.py"]
+    top = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
+    assert not [node for node in top if isinstance(node, ast.ImportFrom) and node.module == "cli"]
+    loaded = _modules_after("import hadctl.entry, hadctl.initfile")
+    assert "hadctl.cli" not in loaded and "click" not in loaded
 
 
 def _modules_after(code: str) -> set[str]:
@@ -34,10 +89,10 @@ def test_plain_status_runs_without_click(service):
     loaded = _modules_after(code)
     assert "hadctl.actions" in loaded  # it really ran the action
     assert not {m for m in loaded if m.split(".")[0] in ("click", "rich", "dataclasses", "inspect", "psutil")}
-    assert "tomllib" in loaded  # the first time; parsed, the file is now in the cache
+    assert TOML in loaded  # the first time; parsed, the file is now in the cache
     again = _modules_after(code)
     assert "hadctl.actions" in again
-    assert not {"tomllib", "typing"} & again, {"tomllib", "typing"} & again
+    assert not {TOML, "typing"} & again, {TOML, "typing"} & again
 
 
 def test_anything_else_goes_through_click(service):
@@ -56,5 +111,5 @@ def test_an_empty_cache_folder_means_every_run_parses(service, monkeypatch):
             "from hadctl import entry\n"
             "entry._exit_now = sys.exit  # os._exit would end us before we print sys.modules\n"
             "try:\n    entry.run()\nexcept SystemExit:\n    pass")
-    assert "tomllib" in _modules_after(code)
-    assert "tomllib" in _modules_after(code)
+    assert TOML in _modules_after(code)
+    assert TOML in _modules_after(code)

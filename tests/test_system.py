@@ -21,9 +21,8 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from conftest import HADCTL, ROOT, Service, make_services, pid_alive, wait_until
-
 import hadctl
+from conftest import HADCTL, ROOT, Service, make_services, pid_alive, wait_until
 from hadctl import cli, config, initfile
 
 MAN_PAGE = ROOT / "man" / "hadctl.1"
@@ -51,7 +50,7 @@ def write_init_script(svc: Service, folder: Path) -> Path:
 def split_units(text: str) -> dict[str, str]:
     """``get-systemd-unit`` output -> {file name: unit text}, split at the marker lines."""
     parts = MARKER.split(text)
-    return dict(zip(parts[1::2], parts[2::2]))
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
 
 
 @pytest.fixture
@@ -90,7 +89,8 @@ def test_init_script_starts_reports_and_stops_the_service(odd_service, tmp_path)
     ledger = tmp_path / "ledger"
     svc = odd_service(entrypoint="tests.services.basic:report_env",
                       env={"LEDGER": str(ledger), "REPORT": str(report)},
-                      init={"init_config": str(defaults), "init_code": 'EXTRA="$EXTRA_VALUE, then init_code"\nexport EXTRA'})
+                      init={"init_config": str(defaults),
+                            "init_code": 'EXTRA="$EXTRA_VALUE, then init_code"\nexport EXTRA'})
     script = write_init_script(svc, tmp_path / "init.d")
 
     stopped = sh(script, "status")
@@ -133,7 +133,7 @@ def test_init_script_bad_or_missing_action_is_2_with_usage(service, tmp_path):
     for args in (["bogus"], [], ["start-now"]):
         result = sh(script, *args)
         assert result.returncode == 2 and result.stderr.startswith("Usage: "), args
-        assert "start|stop|restart|try-restart|force-reload|reload|status|fork|hard-restart" in result.stderr
+        assert "start|stop|restart|hard-restart|fork|reload|status|try-restart|force-reload" in result.stderr
     assert not svc.pid_dir.exists()  # and nothing ran
 
 
@@ -352,3 +352,41 @@ def test_readme_setup_commands_are_make_targets():
     for _make, target in commands:
         dry = subprocess.run(["make", "-n", target], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert dry.returncode == 0, dry.stderr
+
+
+def test_every_row_of_the_action_table_is_a_command_with_a_function():
+    """entry.ACTIONS is the one list: click's commands, the functions and the init
+    script's actions all come from it, so a new row shows up everywhere."""
+    from hadctl import entry
+
+    assert sorted(cli.main.commands) == sorted(action.name for action in entry.ACTIONS)
+    for action in entry.ACTIONS:
+        assert callable(entry.function(action.call)), action.call
+        for spelling in action.spellings():
+            assert entry.find(spelling) is action
+            assert cli.main.get_command(None, spelling).name == action.name  # type: ignore[arg-type]
+        flags = {decl for option in action.options for decl in option.decls}
+        assert flags == {p.opts[0] for p in cli.main.commands[action.name].params}
+    script = initfile.lsb_script(config.load(str(ROOT / "configs" / "example.toml")), "/usr/bin/hadctl")
+    usage = re.search(r"Usage: \$0 \{([^}]*)\}", script)
+    assert usage and usage.group(1).split("|") == [
+        "start", "stop", "restart", "hard-restart", "fork", "reload", "status", "try-restart", "force-reload"]
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["-c", "f.toml", "status"], ("f.toml", "status", {})),
+    (["--config=f.toml", "status", "--json"], ("f.toml", "status", {"as_json": True})),
+    (["--config", "f.toml", "hard_restart"], ("f.toml", "hard-restart", {})),
+    (["-c", "f.toml", "status", "--json", "--json"], None),  # click says what is wrong
+    (["-c", "f.toml", "status", "--all"], None),  # not a fast option
+    (["-c", "f.toml", "stop", "--json"], None),  # not an option of stop
+    (["-c", "f.toml", "get-init-file"], None),  # its row says: through click
+    (["-c", "f.toml", "nothing"], None),
+    (["status", "-c", "f.toml"], None),
+    (["-c", "-x", "status"], None),
+])
+def test_the_fast_path_takes_only_what_its_rows_allow(args, expected):
+    from hadctl import entry
+
+    found = entry._fast_form(args)
+    assert (None if found is None else (found[0], found[1].name, found[2])) == expected

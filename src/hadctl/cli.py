@@ -1,20 +1,17 @@
-"""The ``hadctl`` command line, through click: help, options, every action.
+"""The ``hadctl`` command line through click: help, options, usage errors.
 
-entry.py runs the common ``-c FILE ACTION`` forms without click and sends
-everything else here; both end in ``entry.perform``. Usage errors are click's
-(status 2, with usage); other errors are turned into statuses by
-``entry.guarded``.
+Its commands are generated from ``entry.ACTIONS``, one per row (options, help,
+other spellings included); each ends in ``entry.perform``, as the fast path
+does. entry.py imports this module only for what its fast path does not take.
+Usage errors are click's (status 2, with usage); other errors become statuses
+in ``entry.guarded``. The only module that imports click.
 """
 from __future__ import annotations
-
-import os
-import sys
-from typing import Any
 
 import click
 
 from . import __version__
-from .entry import load, perform
+from .entry import ACTIONS, Action, find, perform
 
 EPILOG = """\b
 Exit status follows the LSB init-script conventions:
@@ -26,12 +23,14 @@ See hadctl(1) for the configuration keys: man -l man/hadctl.1
 
 
 class _Group(click.Group):
-    """Accepts HADaemon::Control's underscore spellings (hard_restart, get_init_file)."""
+    """Finds a command by any spelling of its row (hard_restart, get_init_file)."""
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        return super().get_command(ctx, cmd_name.replace("_", "-"))
+        action = find(cmd_name)
+        return super().get_command(ctx, action.name if action else cmd_name)
 
-    def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[str | None, click.Command | None, list[str]]:
+    def resolve_command(self, ctx: click.Context,
+                        args: list[str]) -> tuple[str | None, click.Command | None, list[str]]:
         name, command, rest = super().resolve_command(ctx, args)
         return (command.name if command else name), command, rest
 
@@ -58,83 +57,25 @@ def _config_path(ctx: click.Context) -> str:
     return str(path)
 
 
-def _config(ctx: click.Context) -> Any:
-    return load(_config_path(ctx))
+def _command(action: Action) -> click.Command:
+    """The click command of one row of ``entry.ACTIONS``."""
 
-
-def _simple(name: str, help_text: str) -> None:
-    @main.command(name, help=help_text)
     @click.pass_context
-    def command(ctx: click.Context) -> int:
-        return perform(_config_path(ctx), name)
+    def callback(ctx: click.Context, /, **options: object) -> int:
+        every = action.every is not None and bool(options.get("every"))
+        return perform(None if every else _config_path(ctx), action, options)
+
+    params: list[click.Parameter] = [
+        # A value option names a folder (--config-dir): click says so when it is a file.
+        click.Option([*option.decls, option.dest], is_flag=option.flag, metavar=option.metavar,
+                     help=option.help, type=None if option.flag else click.Path(file_okay=False))
+        for option in action.options
+    ]
+    return click.Command(action.name, callback=callback, params=params, help=action.help)
 
 
-_simple("start", "Remove the standby stop file and spawn the missing mains, then standbys; wait until each "
-        "reports its role. Exit 0 when all run (or already ran), 1 on failure, 5 when the entrypoint "
-        "cannot be imported.")
-_simple("stop", "Touch the standby stop file, stop the standbys, then stop each main: main_stop_file, then "
-        "each signal of stop_signals with its timeout (its process group too with kill_mode = \"group\"). "
-        "Exit 0 when nothing runs any more, 1 when something survived.")
-_simple("restart", "Zero-downtime restart: replace the standbys (they import the new code), then stop the "
-        "mains one at a time, each time waiting until a standby holds the freed slot, then refill "
-        "the standbys. Exit 1 naming the slot that failed.")
-_simple("hard-restart", "Stop, then start (also spelled hard_restart).")
-_simple("fork", "For cron: exit 1 if the standby stop file exists, else spawn whatever main or standby "
-        "slot is missing. Silent under quiet = true unless something fails.")
-_simple("reload", "Send SIGHUP to each main. Exit 7 when no main runs.")
-_simple("upgrade", "Refresh the standbys, then touch main_upgrade_file (%p -> pid) for each main and wait "
-        "upgrade_timeout for the main to remove it.")
-
-
-@main.command("status")
-@click.option("--json", "as_json", is_flag=True, help="Print the same facts as JSON.")
-@click.option("--all", "every", is_flag=True, help="Every *.toml service in the config folder.")
-@click.option("--config-dir", metavar="DIR", type=click.Path(file_okay=False),
-              help="Folder for --all (default: $HADCTL_CONFIG_DIR, else /etc/hadctl).")
-@click.pass_context
-def status_command(ctx: click.Context, as_json: bool, every: bool, config_dir: str | None) -> int:
-    """One line per expected slot, read from the locks: Running or Not Running
-    (stale pid files named). Exit 0 all running, 3 none, 1 some."""
-    if every:
-        from .render import as_json as to_json, write_lines
-        from .services import status_all
-
-        folder = config_dir or os.environ.get("HADCTL_CONFIG_DIR") or "/etc/hadctl"
-        outcomes, code = status_all(folder)
-        if as_json:
-            click.echo(to_json(outcomes))
-        else:
-            for outcome in outcomes:
-                write_lines(outcome, sys.stdout, sys.stdout)
-        return code
-    return perform(_config_path(ctx), "status", as_json)
-
-
-@main.command("foreground")
-@click.pass_context
-def foreground_command(ctx: click.Context) -> int:
-    """Run the entrypoint in this process: no fork, no locks, no output of hadctl's own."""
-    return perform(_config_path(ctx), "foreground")
-
-
-@main.command("get-init-file")
-@click.pass_context
-def get_init_file_command(ctx: click.Context) -> int:
-    """Print an LSB init script that runs hadctl -c CONFIG ACTION (also get_init_file)."""
-    from . import initfile
-
-    click.echo(initfile.lsb_script(_config(ctx), initfile.hadctl_path()), nl=False)
-    return 0
-
-
-@main.command("get-systemd-unit")
-@click.pass_context
-def get_systemd_unit_command(ctx: click.Context) -> int:
-    """Print systemd units: the service, and a timer that runs fork every minute."""
-    from . import initfile
-
-    click.echo(initfile.systemd_units(_config(ctx), initfile.hadctl_path()), nl=False)
-    return 0
+for _action in ACTIONS:
+    main.add_command(_command(_action))
 
 
 def run_click(args: list[str]) -> int:
@@ -149,10 +90,3 @@ def run_click(args: list[str]) -> int:
         exc.show()
         return exc.exit_code
     return code if isinstance(code, int) else 0
-
-
-def run(argv: list[str] | None = None) -> None:
-    """Entry point kept for compatibility: the same as hadctl.entry.run."""
-    from .entry import run as entry_run
-
-    entry_run(argv)

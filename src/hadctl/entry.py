@@ -1,38 +1,135 @@
-"""The ``hadctl`` command's entry point, and the one place errors become exit statuses.
+"""The ``hadctl`` command: the table of actions, the fast path, one dispatch, exit statuses.
 
-The forms cron, init scripts and people type all day, ``hadctl -c FILE ACTION``
-(and ``status --json``), are run here without importing click: click alone
-costs about 25 ms, more than a whole ``stop`` is allowed. Anything else (help,
-options, other actions, every mistake) goes to the click command in cli.py,
-which parses it properly and calls ``perform`` too, so both paths behave alike.
+``ACTIONS`` is the one list of what hadctl can do. Each row names the action,
+its other spellings, the function that runs it, its help, whether the fast path
+takes it, whether the LSB init script offers it, and its options. Three readers:
+``run`` here (the fast path), cli.py (it generates its click commands from the
+rows) and initfile.py (the init script's actions). Adding an action is one row
+here plus its function.
+
+The fast path: the forms cron, init scripts and people type all day,
+``hadctl -c FILE ACTION`` (plus an action's fast flags, ``status --json``), are
+run here without importing click, which alone costs more than a whole ``stop``
+is allowed. Anything else (help, other options, every mistake) goes to cli.py,
+imported only then; both paths end in ``perform``, so they behave alike.
 
 Errors: a HadctlError is one line on stderr and its LSB status; anything else
 is our bug: its traceback goes to the log file, one line to stderr, status 1.
-Imports only what the chosen action needs.
+
+Imports only lean at module level (cheap); the rest inside the functions that
+need it. Never imports cli at module level: cli imports this module.
 """
 from __future__ import annotations
 
 import sys
 
-TYPE_CHECKING = False  # not typing's: importing typing costs this path milliseconds
+from .lean import TYPE_CHECKING
+
 if TYPE_CHECKING:
-    from typing import Callable, NoReturn
+    from collections.abc import Callable
+    from typing import NoReturn
 
     from .config import ServiceConfig
+    from .model import Outcome
 
-FAST_ACTIONS = frozenset({"start", "stop", "restart", "hard-restart", "hard_restart", "fork", "reload",
-                          "upgrade", "status", "foreground"})
+
+class Option:
+    """One ``--flag`` of an action. ``dest`` is the name perform reads; a flag takes
+    no value, otherwise ``metavar`` names the value. ``fast``: the fast path accepts it."""
+
+    __slots__ = ("decls", "dest", "help", "flag", "metavar", "fast")
+
+    def __init__(self, decls: tuple[str, ...], dest: str, help: str, *, flag: bool = True,
+                 metavar: str | None = None, fast: bool = False) -> None:
+        self.decls, self.dest, self.help = decls, dest, help
+        self.flag, self.metavar, self.fast = flag, metavar, fast
+
+
+class Action:
+    """One row of ``ACTIONS``.
+
+    ``call`` is ``"module.function"`` inside hadctl; the function takes the loaded
+    ``ServiceConfig`` and returns an ``Outcome`` (rendered as lines, or JSON with
+    ``--json``), an ``int`` (the exit status; it did its own output) or a ``str``
+    (printed as it is). ``report``: an Outcome that is a report (status) goes all to
+    stdout and is silenced by ``quiet``; otherwise failures go to stderr.
+    ``fast``: run without click for ``-c FILE NAME``. ``init``: the LSB script offers it.
+    ``every``: the function for ``--all`` (a folder of service files -> (outcomes, status)).
+    """
+
+    __slots__ = ("name", "aliases", "call", "help", "fast", "init", "options", "report", "every")
+
+    def __init__(self, name: str, call: str, help: str, *, aliases: tuple[str, ...] = (),
+                 fast: bool = True, init: bool = False, options: tuple[Option, ...] = (),
+                 report: bool = False, every: str | None = None) -> None:
+        self.name, self.call, self.help, self.aliases = name, call, help, aliases
+        self.fast, self.init, self.options, self.report = fast, init, options, report
+        self.every = every
+
+    def spellings(self) -> tuple[str, ...]:
+        return (self.name, *self.aliases)
+
+
+JSON = Option(("--json",), "as_json", "Print the same facts as JSON.", fast=True)
+ALL = Option(("--all",), "every", "Every *.toml service in the config folder.")
+CONFIG_DIR = Option(("--config-dir",), "config_dir",
+                    "Folder for --all (default: $HADCTL_CONFIG_DIR, else /etc/hadctl).",
+                    flag=False, metavar="DIR")
+
+ACTIONS: tuple[Action, ...] = (
+    Action("start", "actions.start", init=True, help=(
+        "Remove the standby stop file and spawn the missing mains, then standbys; wait until each "
+        "reports its role. Exit 0 when all run (or already ran), 1 on failure, 5 when the entrypoint "
+        "cannot be imported.")),
+    Action("stop", "actions.stop", init=True, help=(
+        "Touch the standby stop file, stop the standbys, then stop each main: main_stop_file, then "
+        "each signal of stop_signals with its timeout (its process group too with kill_mode = \"group\"). "
+        "Exit 0 when nothing runs any more, 1 when something survived.")),
+    Action("restart", "actions.restart", init=True, help=(
+        "Zero-downtime restart: replace the standbys (they import the new code), then stop the "
+        "mains one at a time, each time waiting until a standby holds the freed slot, then refill "
+        "the standbys. Exit 1 naming the slot that failed.")),
+    Action("hard-restart", "actions.hard_restart", aliases=("hard_restart",), init=True,
+           help="Stop, then start (also spelled hard_restart)."),
+    Action("fork", "actions.fork", init=True, help=(
+        "For cron: exit 1 if the standby stop file exists, else spawn whatever main or standby "
+        "slot is missing. Silent under quiet = true unless something fails.")),
+    Action("reload", "actions.reload", init=True, help="Send SIGHUP to each main. Exit 7 when no main runs."),
+    Action("upgrade", "actions.upgrade", help=(
+        "Refresh the standbys, then touch main_upgrade_file (%p -> pid) for each main and wait "
+        "upgrade_timeout for the main to remove it.")),
+    Action("status", "actions.status", init=True, report=True, options=(JSON, ALL, CONFIG_DIR),
+           every="services.status_all", help=(
+        "One line per expected slot, read from the locks: Running or Not Running "
+        "(stale pid files named). Exit 0 all running, 3 none, 1 some.")),
+    Action("foreground", "actions.foreground",
+           help="Run the entrypoint in this process: no fork, no locks, no output of hadctl's own."),
+    Action("get-init-file", "initfile.init_file", aliases=("get_init_file",), fast=False,
+           help="Print an LSB init script that runs hadctl -c CONFIG ACTION (also get_init_file)."),
+    Action("get-systemd-unit", "initfile.systemd_unit", fast=False,
+           help="Print systemd units: the service, and a timer that runs fork every minute."),
+)
+
+
+def find(name: str) -> Action | None:
+    """The row spelled ``name`` (its name or an alias), or None."""
+    for action in ACTIONS:
+        if name in action.spellings():
+            return action
+    return None
+
+
 _CRASH_LOG = [""]  # where an internal error's traceback goes once a config is loaded
 
 
 def run(argv: list[str] | None = None) -> NoReturn:
     """Run one hadctl command and exit with its status."""
     args = sys.argv[1:] if argv is None else list(argv)
-    simple = _simple_form(args)
-    if simple is not None:
-        path, action, as_json = simple
-        code = guarded(lambda: perform(path, action, as_json))
-        if action != "foreground" and "kazoo" not in sys.modules:
+    fast = _fast_form(args)
+    if fast is not None:
+        path, action, options = fast
+        code = guarded(lambda: perform(path, action, options))
+        if action.name != "foreground" and "kazoo" not in sys.modules:
             _exit_now(code)
     else:
         from .cli import run_click
@@ -57,21 +154,26 @@ def _exit_now(code: int) -> NoReturn:
     os._exit(code)
 
 
-def _simple_form(args: list[str]) -> tuple[str, str, bool] | None:
-    """``-c FILE ACTION`` / ``--config FILE ACTION`` / ``--config=FILE ACTION``
-    (``status`` may add ``--json``); None for anything else."""
+def _fast_form(args: list[str]) -> tuple[str, Action, dict[str, object]] | None:
+    """``-c FILE ACTION`` / ``--config FILE ACTION`` / ``--config=FILE ACTION``, the
+    action's fast flags after it, each at most once; None for anything else."""
     if len(args) >= 3 and args[0] in ("-c", "--config") and not args[1].startswith("-"):
         path, rest = args[1], args[2:]
     elif len(args) >= 2 and args[0].startswith("--config=") and len(args[0]) > len("--config="):
         path, rest = args[0][len("--config="):], args[1:]
     else:
         return None
-    if rest and rest[0] in FAST_ACTIONS:
-        if len(rest) == 1:
-            return path, rest[0].replace("_", "-"), False
-        if rest[0] == "status" and rest[1:] == ["--json"]:
-            return path, "status", True
-    return None
+    action = find(rest[0]) if rest else None
+    if action is None or not action.fast:
+        return None
+    flags = {decl: option for option in action.options if option.fast and option.flag for decl in option.decls}
+    options: dict[str, object] = {}
+    for arg in rest[1:]:
+        option = flags.get(arg)
+        if option is None or option.dest in options:
+            return None
+        options[option.dest] = True
+    return path, action, options
 
 
 def load(path: str) -> ServiceConfig:
@@ -83,29 +185,63 @@ def load(path: str) -> ServiceConfig:
     return cfg
 
 
-def perform(path: str, action: str, as_json: bool = False) -> int:
-    """Load the config, run ``action`` (CLI spelling), render it; returns the exit status."""
-    from . import actions
+def function(call: str) -> Callable[..., object]:
+    """The function ``"module.function"`` inside hadctl (``__import__``: importlib costs an import)."""
+    module, _, name = call.rpartition(".")
+    found: Callable[..., object] = getattr(__import__(f"{__package__}.{module}", fromlist=[name]), name)
+    return found
 
+
+def perform(path: str | None, action: Action, options: dict[str, object] | None = None) -> int:
+    """Load the config, run ``action``, render what it returns; returns the exit status.
+    With ``every`` (``--all``) and a row that has an ``every`` function, that function
+    gets the config folder instead, and returns (outcomes, status)."""
+    options = options or {}
+    as_json = bool(options.get("as_json"))
+    if options.get("every") and action.every:
+        return _perform_every(action.every, options, as_json)
+    if not path:
+        raise ValueError("perform: no config file")  # cli.py asks for -c before calling
     cfg = load(path)
-    if action == "foreground":
-        return actions.foreground(cfg)
-    if action == "status":
-        outcome = actions.status(cfg)
-        if as_json:
-            from .render import as_json as to_json
+    result = function(action.call)(cfg)
+    if isinstance(result, bool) or result is None:
+        raise TypeError(f"{action.call} returned {result!r}")
+    if isinstance(result, int):
+        return result
+    if isinstance(result, str):
+        sys.stdout.write(result)
+        return 0
+    if as_json:
+        from .render import as_json as to_json
 
-            sys.stdout.write(to_json(outcome) + "\n")
-        elif not cfg.quiet:
-            from .render import write_lines
+        sys.stdout.write(to_json(result) + "\n")  # type: ignore[arg-type]
+    else:
+        from .render import write_lines
 
+        if action.report:
+            if not cfg.quiet:
+                write_lines(result, sys.stdout, sys.stdout)  # type: ignore[arg-type]
+        else:
+            write_lines(result, sys.stdout, sys.stderr, quiet=cfg.quiet)  # type: ignore[arg-type]
+    return int(result.exit_status)  # type: ignore[attr-defined]
+
+
+def _perform_every(call: str, options: dict[str, object], as_json: bool) -> int:
+    import os
+
+    folder = str(options.get("config_dir") or os.environ.get("HADCTL_CONFIG_DIR") or "/etc/hadctl")
+    found: tuple[list[Outcome], int] = function(call)(folder)  # type: ignore[assignment]
+    outcomes, code = found
+    if as_json:
+        from .render import as_json as to_json
+
+        sys.stdout.write(to_json(outcomes) + "\n")
+    else:
+        from .render import write_lines
+
+        for outcome in outcomes:
             write_lines(outcome, sys.stdout, sys.stdout)
-        return outcome.exit_status
-    outcome = getattr(actions, action.replace("-", "_"))(cfg)
-    from .render import write_lines
-
-    write_lines(outcome, sys.stdout, sys.stderr, quiet=cfg.quiet)
-    return int(outcome.exit_status)
+    return int(code)
 
 
 def guarded(call: Callable[[], int]) -> int:
@@ -129,7 +265,7 @@ def guarded(call: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("hadctl: interrupted\n")
         return 130
-    except Exception as exc:  # noqa: BLE001 - our bug: log it, say one line
+    except Exception as exc:  # our bug: log it, say one line
         return _internal_error(exc)
     return code if isinstance(code, int) else 0
 
@@ -140,10 +276,11 @@ def _internal_error(exc: BaseException) -> int:
     from .log import Log
 
     where = _CRASH_LOG[0]
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
     if where:
-        Log(where).error("internal error:\n" + "".join(traceback.format_exception(exc)).rstrip())
+        Log(where).error("internal error:\n" + text)
     else:
         where = "stderr"
-        traceback.print_exception(exc)
+        sys.stderr.write(text + "\n")
     sys.stderr.write(f"hadctl: internal error: {type(exc).__name__}: {exc} (traceback in {where})\n")
     return 1

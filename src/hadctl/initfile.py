@@ -7,7 +7,9 @@ functions of the config and the hadctl command line to embed; ``hadctl_path``
 finds the latter. Every value is quoted for its target language, so paths with
 spaces, quotes, ``$``, ``%`` or backslashes survive.
 
-Imports hadctl.config only (and the package's ``__version__``); never click or rich.
+``init_file`` and ``systemd_unit`` are the actions (rows of ``entry.ACTIONS``).
+Imports hadctl.config and hadctl.entry (the table of actions: which the script
+offers) only, and the package's ``__version__``; never click or rich.
 """
 from __future__ import annotations
 
@@ -19,17 +21,27 @@ import sys
 
 from . import __version__
 from .config import ServiceConfig
+from .entry import ACTIONS
 
 DEFAULT_START = "2 3 4 5"
 DEFAULT_STOP = "0 1 6"
 MODULE_SUFFIX = " -m hadctl"  # what hadctl_path() appends when only the interpreter is known
-INIT_ACTIONS = ("start", "stop", "restart", "try-restart", "force-reload", "reload", "status", "fork",
-                "hard-restart")
+INIT_ONLY = ("try-restart", "force-reload")  # LSB's, run as restart (if running) / restart
 SYSTEMD_RUN = "/usr/bin/systemd-run"
 UNIT_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789:_.-")
 
 
 # ------------------------------------------------------------------ hadctl
+
+
+def init_file(cfg: ServiceConfig) -> str:
+    """The ``get-init-file`` action: ``lsb_script`` for this very hadctl."""
+    return lsb_script(cfg, hadctl_path())
+
+
+def systemd_unit(cfg: ServiceConfig) -> str:
+    """The ``get-systemd-unit`` action: ``systemd_units`` for this very hadctl."""
+    return systemd_units(cfg, hadctl_path())
 
 
 def hadctl_path() -> str:
@@ -140,9 +152,12 @@ def lsb_script(cfg: ServiceConfig, hadctl: str) -> str:
     if init.init_code:
         out += ["# init_code (verbatim from the config)", init.init_code.rstrip("\n"), ""]
     args = "".join(f" {_sh(a)}" for a in lead)
+    offered = [action for action in ACTIONS if action.init]
+    names = [action.name for action in offered] + list(INIT_ONLY)
+    aliases = [f"    {alias}) ACTION={action.name} ;;" for action in offered for alias in action.aliases]
     out += [
         "usage() {",
-        f'    echo "Usage: $0 {{{"|".join(INIT_ACTIONS)}}}" >&2',
+        f'    echo "Usage: $0 {{{"|".join(names)}}}" >&2',
         "    exit 2",
         "}",
         "",
@@ -154,8 +169,8 @@ def lsb_script(cfg: ServiceConfig, hadctl: str) -> str:
         'ACTION=$1',
         "shift",
         'case "$ACTION" in',
-        "    start|stop|restart|status|reload|fork|hard-restart|force-reload|try-restart) ;;",
-        "    hard_restart) ACTION=hard-restart ;;",
+        f"    {'|'.join(names)}) ;;",
+        *aliases,
         "    *) usage ;;",
         "esac",
         "",
