@@ -133,9 +133,10 @@ def test_a_host_partitioned_from_zookeeper_fences_its_main_before_the_other_host
     assert not overlaps(a), overlaps(a)
 
 
-@pytest.mark.parametrize("loss", ["killed", "cut off"])
-def test_an_ensemble_losing_its_leader_fences_nobody_when_the_quorum_reforms_within_the_grace(
-        request, tmp_path, lan, hosts, loss):
+@pytest.fixture
+def ensemble_ns(request: pytest.FixtureRequest, tmp_path: Path, lan: Lan) -> Any:
+    """Three ZooKeeper servers, Lan members zk1..zk3 (server N at 10.231.0.N:2181), serving;
+    at the end every cut is healed and every server stopped."""
     names = ["zk1", "zk2", "zk3"]
     for name in names:
         lan.add(name)
@@ -148,43 +149,80 @@ def test_an_ensemble_losing_its_leader_fences_nobody_when_the_quorum_reforms_wit
             server.start()
         for server in servers:
             server.wait_serving(60)
-        addresses = ",".join(server.address for server in servers)
-        # session 10 s, fence_grace 7 s, as test_zookeeper's leader test: the quorum re-forms
-        # in about a second, and a loaded machine gets room.
-        a = on(lan, "a", hosts("A", addresses, standbys=0, session_timeout=10, fence_grace=7))
-        b = on(lan, "b", hosts("B", addresses, session_timeout=10, fence_grace=7))
-        a.run("start", check=True)
-        b.run("start", check=True)
-        main, standby = a.pid_of("main"), b.pid_of("standby")
-        wait_until(lambda: entered(a, main), 5, "A's main inside the function")
-        leader = next(n for n, server in enumerate(servers) if server.mode() == "leader")
-        lost = time.monotonic()
-        if loss == "killed":
-            servers[leader].stop(signal.SIGKILL)
-        else:
-            lan.cut(names[leader])
-        others = [server for n, server in enumerate(servers) if n != leader]
-        wait_until(lambda: any(server.mode() == "leader" for server in others), 15, "a new leader")
-        quorum = time.monotonic()
-        wait_until(lambda: "ZooKeeper connection back within fence_grace" in a.log_text(), 15,
-                   "A's main reconnected")
-        wait_until(lambda: "standby: ZooKeeper connection back" in b.log_text(), 15, "B's standby reconnected")
-        back = time.monotonic()
-        print(f"\nleader {loss}: new leader after {quorum - lost:.3f} s, A and B back after {back - lost:.3f} s")
-        assert pid_alive(main) and pid_alive(standby)
-        assert " fenced: " not in a.log_text() + b.log_text()
-        assert b.main_slot()["pid"] == main
-        assert [int(line[1]) for line in entries(a)] == [main]
-        if loss == "cut off":  # healed, the old leader rejoins as a follower
-            lan.heal(names[leader])
-            wait_until(lambda: servers[leader].mode() == "follower", 30, "the old leader back as a follower")
-        a.run("stop", check=True)
-        wait_until(lambda: entered(b, standby), 5, "B's standby inside the function")
-        assert not overlaps(a), overlaps(a)
-        b.run("stop", check=True)
+        yield servers
     finally:
         for name in names:
             lan.heal(name)
         for server in servers:
             server.stop()
         show_logs(request, [server.folder / "server.log" for server in servers])
+
+
+def serving(servers: list[Server], client: str) -> str:
+    """The servers (zk1..zk3) that have a connection from Lan address ``client`` (``cons``)."""
+    return ",".join(f"zk{n}" for n, server in enumerate(servers, start=1)
+                    if f"/{client}:" in server.four_letters("cons")) or "none"
+
+
+def ensemble_hosts(lan: Lan, servers: list[Server], hosts: Any) -> tuple[Host, Host]:
+    """Host A (a main, no standby) and host B (a standby), session 10 s, fence_grace 7 s as
+    test_zookeeper's leader test (an election takes about a second; a loaded machine gets
+    room); both started, A's main inside its function."""
+    addresses = ",".join(server.address for server in servers)
+    a = on(lan, "a", hosts("A", addresses, standbys=0, session_timeout=10, fence_grace=7))
+    b = on(lan, "b", hosts("B", addresses, session_timeout=10, fence_grace=7))
+    a.run("start", check=True)
+    b.run("start", check=True)
+    wait_until(lambda: entered(a, a.pid_of("main")), 5, "A's main inside the function")
+    return a, b
+
+
+@pytest.mark.parametrize("loss", ["killed", "cut off"])
+def test_an_ensemble_losing_its_leader_fences_nobody_when_the_quorum_reforms_within_the_grace(
+        lan, ensemble_ns, hosts, loss):
+    servers = ensemble_ns
+    a, b = ensemble_hosts(lan, servers, hosts)
+    main, standby = a.pid_of("main"), b.pid_of("standby")
+    leader = next(n for n, server in enumerate(servers) if server.mode() == "leader")
+    on_a, on_b = serving(servers, lan.address("a")), serving(servers, lan.address("b"))
+    lost = time.monotonic()
+    if loss == "killed":
+        servers[leader].stop(signal.SIGKILL)  # its sockets are closed: clients learn at once
+    else:
+        lan.cut(f"zk{leader + 1}")  # silence: clients on it learn when their pings go unanswered
+    others = [server for n, server in enumerate(servers) if n != leader]
+    wait_until(lambda: any(server.mode() == "leader" for server in others), 15, "a new leader")
+    quorum = time.monotonic()
+    wait_until(lambda: "ZooKeeper connection back within fence_grace" in a.log_text(), 15, "A's main reconnected")
+    wait_until(lambda: "standby: ZooKeeper connection back" in b.log_text(), 15, "B's standby reconnected")
+    back = time.monotonic()
+    print(f"\nleader zk{leader + 1} {loss} (A on {on_a}, B on {on_b}): new leader after {quorum - lost:.3f} s, "
+          f"A and B back after {back - lost:.3f} s")
+    assert pid_alive(main) and pid_alive(standby)
+    assert " fenced: " not in a.log_text() + b.log_text()
+    if loss == "cut off":  # healed, the old leader rejoins as a follower
+        lan.heal(f"zk{leader + 1}")
+        wait_until(lambda: servers[leader].mode() == "follower", 30, "the old leader back as a follower")
+    assert b.main_slot()["pid"] == main
+    assert [int(line[1]) for line in entries(a)] == [main]
+    a.run("stop", check=True)
+    wait_until(lambda: entered(b, standby), 5, "B's standby inside the function")
+    assert not overlaps(a), overlaps(a)
+    b.run("stop", check=True)
+
+
+def test_status_with_one_ensemble_server_cut_off_still_sees_the_other_hosts_main(lan, ensemble_ns, hosts):
+    # Two servers of three answer: ZooKeeper serves, and status must say where the main runs.
+    servers = ensemble_ns
+    a, b = ensemble_hosts(lan, servers, hosts)
+    main = a.pid_of("main")
+    follower = next(n for n, server in enumerate(servers) if server.mode() == "follower")
+    lan.cut(f"zk{follower + 1}")
+    answers = []
+    for _ in range(3):  # a client tries the servers in a random order: ask more than once
+        asked = time.monotonic()
+        result = b.run("status")
+        answers.append((time.monotonic() - asked, result.returncode, (result.stdout + result.stderr).strip()))
+    print("\n" + "\n".join(f"status took {took:.2f} s, exit {code}" for took, code, _ in answers))
+    for _took, code, text in answers:
+        assert code == 0 and f"main #1 (pid {main} on A) [Running]" in text, text
