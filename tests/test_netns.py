@@ -177,32 +177,38 @@ def ensemble_hosts(lan: Lan, servers: list[Server], hosts: Any) -> tuple[Host, H
     return a, b
 
 
-@pytest.mark.parametrize("loss", ["killed", "cut off"])
-def test_an_ensemble_losing_its_leader_fences_nobody_when_the_quorum_reforms_within_the_grace(
+@pytest.mark.parametrize("loss", ["leader killed", "leader cut off", "main's server cut off"])
+def test_an_ensemble_losing_a_server_fences_nobody_when_the_quorum_reforms_within_the_grace(
         lan, ensemble_ns, hosts, loss):
+    # "main's server": the one A's main is connected to goes silent (the leader or not):
+    # the main must notice and move to another server before its lease runs out.
     servers = ensemble_ns
     a, b = ensemble_hosts(lan, servers, hosts)
     main, standby = a.pid_of("main"), b.pid_of("standby")
-    leader = next(n for n, server in enumerate(servers) if server.mode() == "leader")
     on_a, on_b = serving(servers, lan.address("a")), serving(servers, lan.address("b"))
+    leader = next(n for n, server in enumerate(servers) if server.mode() == "leader")
+    lose = leader if loss.startswith("leader") else int(on_a[-1]) - 1
     lost = time.monotonic()
-    if loss == "killed":
-        servers[leader].stop(signal.SIGKILL)  # its sockets are closed: clients learn at once
+    if loss == "leader killed":
+        servers[lose].stop(signal.SIGKILL)  # its sockets are closed: clients learn at once
     else:
-        lan.cut(f"zk{leader + 1}")  # silence: clients on it learn when their pings go unanswered
-    others = [server for n, server in enumerate(servers) if n != leader]
-    wait_until(lambda: any(server.mode() == "leader" for server in others), 15, "a new leader")
+        lan.cut(f"zk{lose + 1}")  # silence: clients on it learn when their pings go unanswered
+    others = [server for n, server in enumerate(servers) if n != lose]
+    wait_until(lambda: any(server.mode() == "leader" for server in others), 15, "a leader among the others")
     quorum = time.monotonic()
-    wait_until(lambda: "ZooKeeper connection back within fence_grace" in a.log_text(), 15, "A's main reconnected")
-    wait_until(lambda: "standby: ZooKeeper connection back" in b.log_text(), 15, "B's standby reconnected")
+    if on_a == f"zk{lose + 1}" or lose == leader:  # its server dropped it, or went silent
+        wait_until(lambda: "ZooKeeper connection back within fence_grace" in a.log_text() or not pid_alive(main),
+                   15, "A's main reconnected")
+    if on_b == f"zk{lose + 1}" or lose == leader:
+        wait_until(lambda: "standby: ZooKeeper connection back" in b.log_text(), 15, "B's standby reconnected")
     back = time.monotonic()
-    print(f"\nleader zk{leader + 1} {loss} (A on {on_a}, B on {on_b}): new leader after {quorum - lost:.3f} s, "
-          f"A and B back after {back - lost:.3f} s")
-    assert pid_alive(main) and pid_alive(standby)
+    print(f"\nzk{lose + 1} ({'leader' if lose == leader else 'follower'}) {loss.split()[-2]} (A on {on_a}, "
+          f"B on {on_b}): leader among the others after {quorum - lost:.3f} s, A and B back after {back - lost:.3f} s")
     assert " fenced: " not in a.log_text() + b.log_text()
-    if loss == "cut off":  # healed, the old leader rejoins as a follower
-        lan.heal(f"zk{leader + 1}")
-        wait_until(lambda: servers[leader].mode() == "follower", 30, "the old leader back as a follower")
+    assert pid_alive(main) and pid_alive(standby)
+    if loss != "leader killed":  # healed, the lost server rejoins as a follower
+        lan.heal(f"zk{lose + 1}")
+        wait_until(lambda: servers[lose].mode() == "follower", 30, "the lost server back as a follower")
     assert b.main_slot()["pid"] == main
     assert [int(line[1]) for line in entries(a)] == [main]
     a.run("stop", check=True)
