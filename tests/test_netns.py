@@ -186,6 +186,7 @@ def test_an_ensemble_losing_a_server_fences_nobody_when_the_quorum_reforms_withi
     a, b = ensemble_hosts(lan, servers, hosts)
     main, standby = a.pid_of("main"), b.pid_of("standby")
     on_a, on_b = serving(servers, lan.address("a")), serving(servers, lan.address("b"))
+    assert on_a != "none", "A's main has no connection to any server"
     leader = next(n for n, server in enumerate(servers) if server.mode() == "leader")
     lose = leader if loss.startswith("leader") else int(on_a[-1]) - 1
     lost = time.monotonic()
