@@ -72,7 +72,10 @@ def no_leftovers(monkeypatch: pytest.MonkeyPatch, parse_cache: Path) -> Any:
 
 
 class Service:
-    """A service whose every path lies under one temporary folder."""
+    """A service whose every path lies under one temporary folder; ``command`` runs hadctl
+    (a test may prefix it, e.g. to run it inside a network namespace)."""
+
+    command: list[str] = HADCTL
 
     def __init__(self, folder: Path, **settings: Any) -> None:
         self.folder = folder
@@ -103,7 +106,7 @@ class Service:
         self.config.write_text(text)
 
     def run(self, *args: str, timeout: float = 60, check: bool | int = False) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run([*HADCTL, "-c", str(self.config), *args], capture_output=True, text=True,
+        result = subprocess.run([*self.command, "-c", str(self.config), *args], capture_output=True, text=True,
                                 timeout=timeout)
         if check is not False:
             expected = 0 if check is True else check
