@@ -178,3 +178,43 @@ def test_say_records_a_line_and_logs_it(tmp_path):
     assert [(s.result, s.ok) for s in outcome.steps] == [("Stopped", True), ("Failed", False)]
     log = Path(svc.cfg.log_file).read_text()
     assert "[INFO] main #1 (pid 5) [Stopped]" in log and "[ERROR] standby #1" in log
+
+
+_HOLDER = ("import fcntl, os, signal, sys\n"
+           "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+           "fcntl.flock(fd, fcntl.LOCK_SH)\n"
+           "print('held', flush=True)\n"
+           "signal.pause()\n")
+
+
+def test_a_symlink_swapped_in_for_the_alive_lock_during_stop_steers_no_signal(tmp_path, monkeypatch):
+    """pid_dir is the service user's: while stop waits for the alive lock, that user may
+    swap it for a link to a file some other process holds. The holders signalled are
+    those of the file stop opened, never the link's target's."""
+    svc = _laid_out(tmp_path)
+    outside = tmp_path / "someone-elses.lock"
+    outside.write_text("")
+    Path(svc.layout.alive_lock).write_text("")
+    procs = [subprocess.Popen([sys.executable, "-c", _HOLDER, str(path)], stdout=subprocess.PIPE, text=True)
+             for path in (svc.layout.alive_lock, outside)]
+    worker, bystander = procs
+    try:
+        assert all(proc.stdout.readline() == "held\n" for proc in procs)
+        real = control.flock.take_control
+
+        def take_then_swap(path: str, timeout: float) -> int | None:
+            fd = real(path, 0.05)  # times out: the worker holds it shared
+            if fd is None and not os.path.islink(path):
+                os.rename(path, path + ".old")
+                os.symlink(outside, path)
+            return fd
+
+        monkeypatch.setattr(stopping.flock, "take_control", take_then_swap)
+        with pytest.raises(OSError):  # the link itself is never opened (ELOOP)
+            stopping.wait_for_the_last(svc)
+        assert worker.wait(timeout=10) == -15  # the holder of the real alive lock got TERM
+        assert bystander.poll() is None  # the link's target's holder got nothing
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()

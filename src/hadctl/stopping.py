@@ -183,9 +183,10 @@ def wait_for_the_last(svc: Service) -> int:
     path = svc.layout.alive_lock
     if not os.path.exists(path):
         return 0  # no worker of this hadctl ever ran here (or HADaemon::Control's)
+    alive_lock = _file_key(path)
     for name in (None, "TERM", "KILL"):
         if name is not None:
-            for target in [t for t in map(probe.open_target, flock.holders_of(path)) if t is not None]:
+            for target in [t for t in map(probe.open_target, _holders(alive_lock)) if t is not None]:
                 svc.log.warn(f"pid {target.pid} holds no slot but has not exited: SIG{name}")
                 target.signal(lean.signum(name), group=False)
                 target.close()
@@ -193,7 +194,24 @@ def wait_for_the_last(svc: Service) -> int:
         if fd is not None:
             os.close(fd)
             return 0
-    left = flock.holders_of(path)
+    left = _holders(alive_lock)
     for pid in left:
         svc.say(f"pid {pid} (holding no slot) survived TERM and KILL", "Failed", ok=False)
     return len(left)
+
+
+def _file_key(path: str) -> tuple[int, int, int]:
+    """(major, minor, inode) of the file at ``path``, opened never through a symlink
+    (OSError ELOOP): its user may write in pid_dir, and a link there swapped in while
+    stop waits must not make a root controller signal whoever holds the link's target."""
+    fd = flock.open_lock_file(path)
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    return os.major(st.st_dev), os.minor(st.st_dev), st.st_ino
+
+
+def _holders(key: tuple[int, int, int]) -> list[int]:
+    """Every process holding a flock on the file ``key`` (a /proc walk, as flock.holders_of)."""
+    return [int(name) for name in os.listdir("/proc") if name.isdigit() and flock.holds(int(name), key)]
