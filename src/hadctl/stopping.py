@@ -13,7 +13,7 @@ main's hold from birth. So the workers a pid-file search would find (starting,
 backing off, a main that has returned but is still exiting) are exactly the
 holders of that lock, and they are ours without any guess from pid files.
 
-Imports config, control, layout, lean, locks.flock, model and probe.
+Imports control, errors, lean, locks.flock, model and probe; never click or rich.
 """
 from __future__ import annotations
 
