@@ -53,7 +53,7 @@ import support  # noqa: E402 - tests/support.py (this file's folder)
 from hadctl.layout import Layout  # noqa: E402
 from support import describe, is_alive  # noqa: E402
 from hadctl.model import Role  # noqa: E402
-from hadctl.probe import read_slots  # noqa: E402
+from hadctl.slots import read_slots  # noqa: E402
 
 MAX_PROCS = 2
 STANDBY_MAX_PROCS = 2

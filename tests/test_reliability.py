@@ -299,22 +299,26 @@ def test_stopped_processes_block_neither_failover_nor_stop(service, no_leftovers
 
 
 _LOOK_ALIKE = "import signal  # hadctl.worker look-alike\nsignal.pause()\n"
-_PARENT = ("import os, subprocess, sys, signal\n"
+_PARENT = ("import fcntl, os, subprocess, sys, signal\n"
            "fd = os.open(sys.argv[1], os.O_RDONLY)  # a main has its lock file open\n"
-           "child = subprocess.Popen([sys.executable, '-c', sys.argv[2]])\n"
+           "alive = os.open(sys.argv[3], os.O_RDONLY)  # and holds the alive lock, shared from birth\n"
+           "fcntl.flock(alive, fcntl.LOCK_SH)\n"
+           "child = subprocess.Popen([sys.executable, '-c', sys.argv[2]], pass_fds=[alive])\n"
+           "os.close(alive)  # the child's hold is the one left, as a replacement standby's once its main is gone\n"
            "print(child.pid, flush=True)\n"
            "signal.pause()\n")
 
 
 def test_a_starting_worker_is_told_from_a_look_alike(service, no_leftovers):
     """unknown-PID.pid names a starting worker; a main names its replacement standby
-    there at once, before it runs any of hadctl. stop must end such a process of this
-    service (the child of a process that has our lock files open), yet never one that
-    only looks like a worker, whose pid file it removes as stale."""
+    there at once, before it runs any of hadctl, and the standby shares the main's
+    hold on the alive lock from birth. stop must end such a process of this service,
+    yet never one that only looks like a worker (named in pid_dir, holding nothing),
+    whose pid file it removes as stale."""
     svc = service(kill_timeout=0.5)
     svc.run("start", check=True)
-    parent = subprocess.Popen([sys.executable, "-c", _PARENT, str(svc.pid_dir / "lock" / "1.lock"), _LOOK_ALIKE],
-                              stdout=subprocess.PIPE, text=True)
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, str(svc.pid_dir / "lock" / "1.lock"), _LOOK_ALIKE,
+                               str(svc.pid_dir / "hadctl-alive.lock")], stdout=subprocess.PIPE, text=True)
     look_alike = subprocess.Popen([sys.executable, "-c", _LOOK_ALIKE])
     try:
         ours = int(parent.stdout.readline())
@@ -339,12 +343,18 @@ _SLOW_STARTER = ("import os, sys, time  # hadctl.worker look-alike, slow to star
 
 def test_stop_waits_for_a_replacement_standby_still_starting(service, no_leftovers):
     """A main that is stopped may have just spawned its replacement standby, named in
-    pid_dir (unknown-PID.pid) at once; its main gone, nothing yet shows whose it is.
-    stop must not return 0 while it runs (it leaves on seeing the stop file); it must
-    not signal it either, as it cannot tell it from another service's."""
+    pid_dir (unknown-PID.pid) at once; its main gone, only its hold on the alive lock
+    (shared with its main from birth) shows it is ours. stop must not return 0 while
+    it runs, and gives it signal_kill_timeout to leave on seeing the stop file."""
     svc = service(kill_timeout=2)
     svc.run("start", check=True)
-    starter = subprocess.Popen([sys.executable, "-c", _SLOW_STARTER, str(svc.pid_dir)], start_new_session=True)
+    alive = os.open(svc.pid_dir / "hadctl-alive.lock", os.O_RDONLY)
+    fcntl.flock(alive, fcntl.LOCK_SH)  # as its main's, which it inherits
+    try:
+        starter = subprocess.Popen([sys.executable, "-c", _SLOW_STARTER, str(svc.pid_dir)], start_new_session=True,
+                                   pass_fds=[alive])
+    finally:
+        os.close(alive)
     try:
         (svc.pid_dir / f"unknown-{starter.pid}.pid").write_text(f"{starter.pid}\n")
         svc.run("stop", check=True)

@@ -1,13 +1,13 @@
 """Plain values shared by actions and the renderer: roles, slot reports, outcomes.
 
-Leaf module: imports nothing from hadctl. The spawned worker never imports it
+Imports only lean and record from hadctl. The spawned worker never imports it
 (dataclasses cost memory there); only controllers do.
 """
 from __future__ import annotations
 
+from .lean import TYPE_CHECKING
 from .record import record
 
-TYPE_CHECKING = False  # not typing's: importing typing costs every command milliseconds
 if TYPE_CHECKING:
     from typing import ClassVar
 

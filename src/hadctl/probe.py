@@ -1,195 +1,40 @@
-"""Facts about processes: does pid P hold its slot, who is in its group, has it exited.
+"""Facts about processes from /proc: alive or not, whose worker, what its fds point
+to, who is in its group; a pidfd ``Target`` to signal; waiting for exits.
 
-The lock is the truth, a pid file a hint: ``read_slots`` names a slot's holder
-only when the holder's fd really holds the slot's lock. Signals go through a
-pidfd opened *after* that check, so a recycled pid can never be signalled.
+A process is signalled only through a pidfd opened *after* the caller checked it
+(it holds its slot, or the alive lock), so a recycled pid is never signalled.
 Exits are waited for as events (pidfd + poll), never with sleeps; a zombie has
-exited (the lock is already free), whoever reaps it and whenever.
+exited (its locks are already free), whoever reaps it and whenever.
+/proc/PID/stat has one parser here, ``proc_stat``.
 
-Imports layout, model and locks. psutil is not needed: /proc is read directly.
+Imports layout, lean and record. psutil is not needed: /proc is read directly.
 """
 from __future__ import annotations
 
 import os
 import select
-import _signal  # not signal: its enum costs every command milliseconds
 import time
 
-from .layout import Layout, PidFile, read_pid_file
-from .locks.flock import HolderProbe, holds
-from .model import Role, SlotReport
+from . import lean
+from .layout import Layout
 from .record import record
 
 
-DELETED_LOCK = "holds a deleted lock file"
-
-
-@record
-class Stale:
-    """A pid file (or junk in its place) that does not name its slot's holder."""
-
-    path: str
-    why: str
-    pid: int | None = None
-
-
-def read_slots(layout: Layout, max_procs: int, standby_max_procs: int,
-               probe: HolderProbe | None = None) -> tuple[list[SlotReport], list[Stale]]:
-    """Every expected slot with its holder, plus the stale pid files found."""
-    probe = probe or HolderProbe()
-    reports: list[SlotReport] = []
-    stale: list[Stale] = []
-    for role, count in ((Role.MAIN, max_procs), (Role.STANDBY, standby_max_procs)):
-        for slot in range(1, count + 1):
-            pid_file = read_pid_file(layout.pid_file(role.value, slot))
-            hints = [pid_file.pid] if pid_file is not None else []
-            holder = probe.holder(layout.lock_file(role.value, slot), hints)
-            notes = _stale_notes(pid_file, holder, role, slot)
-            stale.extend(notes)
-            reports.append(SlotReport(role, slot, holder, tuple(n.why for n in notes)))
-    return reports, stale
-
-
-def extra_slots(layout: Layout, max_procs: int, standby_max_procs: int) -> list[SlotReport]:
-    """Held slots beyond the configured counts (max_procs lowered while the service
-    ran): read_slots does not look there, yet their holders are ours (issue #6)."""
-    probe = HolderProbe()
-    found = []
-    for role, count, folder in ((Role.MAIN, max_procs, layout.lock_path),
-                                (Role.STANDBY, standby_max_procs, layout.standby_lock_path)):
-        for name in sorted(_listdir(folder)):
-            number = name[: -len(".lock")]
-            if not (name.endswith(".lock") and number.isdigit() and int(number) > count):
-                continue
-            pid_file = read_pid_file(layout.pid_file(role.value, int(number)))
-            holder = probe.holder(os.path.join(folder, name), [pid_file.pid] if pid_file is not None else [])
-            if holder is not None:
-                key = "max_procs" if role is Role.MAIN else "standby_max_procs"
-                found.append(SlotReport(role, int(number), holder, (f"beyond {key} = {count}",)))
-    return found
-
-
-def orphaned_holders(layout: Layout, candidates: list[int] | None = None) -> list[SlotReport]:
-    """Holders of slot lock files that were deleted (pid_dir or a lock folder removed
-    while the service ran, or single lock files: a cleaner of old files). Their slots
-    no longer show through the files, yet they are held, and a fresh lock file would
-    let a second main in beside them (issue #6).
-
-    Without ``candidates``, every flock holder of the host is looked at (/proc/locks,
-    ~10 ms the first time in a process); with them, only those pids (read from the
-    pid files, which a lock folder's removal takes away but a lone file's does not).
-    Each one's fds tell which deleted lock file it holds."""
-    folders = {os.path.realpath(layout.lock_path): Role.MAIN,
-               os.path.realpath(layout.standby_lock_path): Role.STANDBY}
-    table = HolderProbe().every_holder() if candidates is None else None
-    found: dict[tuple[Role, int], int] = {}
-    for pid in sorted(set(table.values()) if table is not None else set(candidates or ())):
-        for fd in _listdir(f"/proc/{pid}/fd"):
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if not target.endswith(" (deleted)"):
-                    continue
-                info = os.stat(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            path = target[: -len(" (deleted)")]
-            role, slot = folders.get(os.path.dirname(path)), os.path.basename(path)[: -len(".lock")]
-            key = (os.major(info.st_dev), os.minor(info.st_dev), info.st_ino)
-            held = table.get(key) == pid if table is not None else holds(pid, key)
-            if role is not None and path.endswith(".lock") and slot.isdigit() and held:
-                found[(role, int(slot))] = pid
-    return [SlotReport(role, slot, pid, (DELETED_LOCK,)) for (role, slot), pid in sorted(
-        found.items(), key=lambda item: (item[0][0] is Role.STANDBY, item[0][1]))]
-
-
-def _stale_notes(pid_file: PidFile | None, holder: int | None, role: Role, slot: int) -> list[Stale]:
-    if pid_file is None:
-        return []
-    name = os.path.basename(pid_file.path)
-    if pid_file.problem is not None:
-        return [Stale(pid_file.path, f"{name} {pid_file.problem}")]
-    if pid_file.pid != holder:
-        return [Stale(pid_file.path, f"{name} names pid {pid_file.pid}, which does not hold {role.value} slot {slot}",
-                      pid_file.pid)]
-    return []
-
-
-def unknown_pid_files(layout: Layout, service: str | None = None) -> list[Stale]:
-    """``unknown-PID.pid`` files (and ``hadctl-backoff.pid``) whose process is gone (a
-    worker that died starting), or, given the ``service`` name, is no starting (or
-    backed-off) worker of this service: junk that must be neither trusted nor kept."""
-    found = []
+def listdir(folder: str) -> list[str]:
+    """The names in ``folder``; [] when it cannot be listed (gone, not ours to read)."""
     try:
-        names = os.listdir(layout.pid_dir)
+        return os.listdir(folder)
     except OSError:
         return []
-    for name in names:
-        if (name.startswith("unknown-") and name.endswith(".pid")) or name == os.path.basename(layout.backoff_file):
-            pid_file = read_pid_file(os.path.join(layout.pid_dir, name))
-            if pid_file is None:
-                continue
-            if pid_file.pid is None or not is_alive(pid_file.pid):
-                found.append(Stale(pid_file.path, f"{name} names no running process", pid_file.pid))
-            elif service is not None and not is_worker_of(pid_file.pid, layout, service):
-                found.append(Stale(pid_file.path, f"{name} names pid {pid_file.pid}, no starting worker of "
-                                   f"{service}", pid_file.pid))
-    return found
 
 
-def strays(layout: Layout, name: str, starting: list[int] | None = None) -> list[int]:
-    """Live hadctl workers of this service that hold no slot: starting
-    (``unknown-PID.pid``) or waiting out a crash-loop back-off. Workers named there
-    that cannot be told yet to be ours (still starting, their main gone) go to
-    ``starting``: they may be waited for, never signalled (issue #6)."""
-    found = []
-    paths = [os.path.join(layout.pid_dir, n) for n in _listdir(layout.pid_dir) if n.startswith("unknown-")]
-    for path in paths + [layout.backoff_file]:
-        pid_file = read_pid_file(path)
-        if pid_file is None or pid_file.pid is None:
-            continue
-        if is_worker_of(pid_file.pid, layout, name):
-            found.append(pid_file.pid)
-        elif starting is not None and is_worker(pid_file.pid, name) and _still_starting(pid_file.pid):
-            starting.append(pid_file.pid)
-    return found
-
-
-def _still_starting(pid: int) -> bool:
-    """A worker that may still be starting: it holds no lock file. (Not "and has no
-    folder open": while the interpreter imports, it holds folders of sys.path open for
-    a moment, and stop then took a starting replacement standby for another
-    service's worker and returned while it ran.) Only waited for, never signalled."""
-    return not any(target.endswith(".lock") for target in _open_files(pid))
-
-
-def is_worker_of(pid: int, layout: Layout, name: str) -> bool:
-    """``is_worker``, and of this service: a worker keeps the folder of its standby
-    stop file open (its dnotify watch) until it is main, or is the child of a process
-    holding our lock files, so a pid file dropped in pid_dir cannot make us signal
-    another service's worker (issue #6)."""
-    if not is_worker(pid, name):
-        return False
-    folder = os.path.realpath(os.path.dirname(layout.standby_stop_file))
-    if any(target == folder for target in _open_files(pid)):
-        return True
-    # A replacement standby still starting has no such fd yet; its parent, the main
-    # that spawned it (spawn_from_worker), has this service's lock files open.
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            data = handle.read()
-        parent = int(data[data.rfind(b")") + 2:].split()[1])
-    except (OSError, ValueError, IndexError):
-        return False
-    locks = os.path.realpath(layout.lock_path) + os.sep
-    return parent > 1 and any(target.startswith(locks) for target in _open_files(parent))
-
-
-def _open_files(pid: int) -> list[str]:
-    """What the fds of ``pid`` point to (paths, as /proc/PID/fd shows them)."""
-    found = []
-    for fd in _listdir(f"/proc/{pid}/fd"):
+def fd_targets(pid: int) -> dict[str, str]:
+    """What the fds of ``pid`` point to: fd number (as text) -> path, as /proc/PID/fd
+    shows it (`` (deleted)`` appended for a removed file). {} when it is gone."""
+    found = {}
+    for fd in listdir(f"/proc/{pid}/fd"):
         try:
-            found.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            found[fd] = os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:
             continue
     return found
@@ -213,11 +58,23 @@ def is_worker(pid: int, name: str) -> bool:
     return b"hadctl.worker" in cmdline or cmdline.startswith(name.encode())
 
 
-def _listdir(folder: str) -> list[str]:
-    try:
-        return os.listdir(folder)
-    except OSError:
-        return []
+def is_worker_of(pid: int, layout: Layout, name: str) -> bool:
+    """``is_worker``, and of this service: a worker keeps the folder of its standby
+    stop file open (its dnotify watch) until it is main, or is the child of a process
+    holding our lock files. The service's user can drop any pid into pid_dir; this
+    keeps a root controller from signalling another service's worker on its word."""
+    if not is_worker(pid, name):
+        return False
+    folder = os.path.realpath(os.path.dirname(layout.standby_stop_file))
+    if folder in fd_targets(pid).values():
+        return True
+    # A replacement standby still starting has no such fd yet; its parent, the main
+    # that spawned it (spawn_from_worker), has this service's lock files open.
+    found = proc_stat(pid)
+    if found is None or found.ppid <= 1:
+        return False
+    locks = os.path.realpath(layout.lock_path) + os.sep
+    return any(target.startswith(locks) for target in fd_targets(found.ppid).values())
 
 
 # ------------------------------------------------------------ processes
@@ -248,16 +105,10 @@ def proc_stat(pid: int) -> ProcStat | None:
         return None
 
 
-def stat_fields(pid: int) -> tuple[str, int, int] | None:
-    """(state, process group, session) of ``pid`` from /proc, or None when gone."""
-    found = proc_stat(pid)
-    return None if found is None else (found.state, found.pgid, found.sid)
-
-
 def is_alive(pid: int) -> bool:
     """Running, sleeping or stopped; a zombie or a missing pid is not alive."""
-    fields = stat_fields(pid)
-    return fields is not None and fields[0] not in ("Z", "X")
+    found = proc_stat(pid)
+    return found is not None and found.state not in ("Z", "X")
 
 
 def group_members(pgid: int) -> list[int]:
@@ -265,8 +116,8 @@ def group_members(pgid: int) -> list[int]:
     members = []
     for name in os.listdir("/proc"):
         if name.isdigit():
-            fields = stat_fields(int(name))
-            if fields is not None and fields[1] == pgid and fields[0] not in ("Z", "X"):
+            found = proc_stat(int(name))
+            if found is not None and found.pgid == pgid and found.state not in ("Z", "X"):
                 members.append(int(name))
     return members
 
@@ -281,9 +132,9 @@ class Target:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.pidfd = os.pidfd_open(pid)
-        fields = stat_fields(pid)
-        self.pgid = fields[1] if fields else None
-        self.sid = fields[2] if fields else None
+        found = proc_stat(pid)
+        self.pgid = found.pgid if found else None
+        self.sid = found.sid if found else None
 
     def signal(self, signum: int, group: bool) -> None:
         """Send ``signum`` to the process; with ``group``, to its whole process group.
@@ -306,7 +157,7 @@ class Target:
                     pass
             return
         try:
-            _signal.pidfd_send_signal(self.pidfd, signum)
+            lean.pidfd_send_signal(self.pidfd, signum)
         except ProcessLookupError:
             pass
 
@@ -315,19 +166,21 @@ class Target:
         if not self.pgid or self.pgid <= 1 or self.pgid == os.getpgrp():
             return []
         return [pid for pid in group_members(self.pgid)
-                if pid != self.pid and (stat_fields(pid) or ("", 0, 0))[2] == self.sid]
+                if pid != self.pid and getattr(proc_stat(pid), "sid", None) == self.sid]
 
     def exited(self, timeout: float = 0.0) -> bool:
         """Wait up to ``timeout`` seconds for the process to exit (zombie counts)."""
         return wait_for_exit([self.pidfd], time.monotonic() + timeout) == []
 
     def close(self) -> None:
+        """Close the pidfd (once); the process is not affected."""
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
 
 
 def open_target(pid: int) -> Target | None:
+    """A ``Target`` for ``pid``, or None when it has already exited."""
     try:
         return Target(pid)
     except ProcessLookupError:

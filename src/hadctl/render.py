@@ -2,15 +2,15 @@
 
 Colour policy: the result is green or red only when the stream is a terminal
 and neither ``NO_COLOR`` nor ``HADC_NO_COLORS`` is set; rich is imported only
-then (it costs ~15 ms, which ``status`` cannot afford). Imports model only.
+then (it costs ~15 ms, which ``status`` cannot afford). Imports lean and model only.
 """
 from __future__ import annotations
 
 import os
 
+from .lean import TYPE_CHECKING
 from .model import Outcome
 
-TYPE_CHECKING = False  # not typing's: importing typing costs a fast command milliseconds
 if TYPE_CHECKING:
     from typing import IO, Iterable
 

@@ -13,7 +13,7 @@ file behind). An empty folder is 0: nothing is wrong in it.
 
 Fast by construction: one interpreter, one ``HolderProbe`` shared by all
 services, so /proc/locks (10-18 ms a read) is read at most once. Imports
-config, actions, probe, layout, locks and model; never click or rich.
+actions, config, errors, locks.flock and model; never click or rich.
 """
 from __future__ import annotations
 

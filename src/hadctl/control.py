@@ -1,0 +1,296 @@
+"""What every verb works through: ``Service`` (one service during one action), the
+controllers' lock, the preparation of folders and files, and filling free slots.
+
+Controllers that change state take turns on ``PID_DIR/hadctl.lock``
+(``ControlLock``), so that concurrent runs end coherent. Folders and files are
+made and checked before the first fork (``prepare``): bad input leaves state as
+it was. Files hadctl touches in pid_dir, which the service's user may write, are
+opened never through a symlink and never blocking (``touch``).
+
+Imports config, errors, layout, locks.flock, log, model, probe, slots and spawn;
+never click or rich.
+"""
+from __future__ import annotations
+
+import errno
+import os
+
+from . import lean, probe, spawn
+from . import slots as read_model
+from .config import ServiceConfig
+from .errors import ActionFailedError, BusyError, ConfigError, NotPermittedError
+from .layout import Layout, read_pid_file, remove_stale
+from .locks import flock
+from .log import Log, follows_last_link, open_append
+from .model import Outcome, SlotReport, Step
+
+SPAWN_TIMEOUT = 30.0
+CONTROL_TIMEOUT = 60.0
+
+
+class Service:
+    """One service during one action: its config, paths, log and output lines."""
+
+    def __init__(self, cfg: ServiceConfig) -> None:
+        self.cfg = cfg
+        self.layout = Layout(cfg.pid_dir, cfg.locks.path, cfg.locks.standby_path, cfg.standby_stop_file)
+        self.log = Log(cfg.log_file)
+        self.steps: list[Step] = []
+
+    def say(self, what: str, result: str, ok: bool = True) -> None:
+        """One output line (``NAME : what [result]``), also written to the log."""
+        self.steps.append(Step(what, result, ok))
+        self.log.write("INFO" if ok else "ERROR", f"{what} [{result}]")
+
+    def slots(self, holder_probe: flock.HolderProbe | None = None) -> tuple[list[SlotReport], list[read_model.Stale]]:
+        """Every expected slot from its lock, and the stale pid files (read_model.read)."""
+        return read_model.read(self.layout, self.cfg.locks, holder_probe)
+
+    def extra_slots(self) -> list[SlotReport]:
+        """Slots held beyond the configured counts (read_model.extra_slots)."""
+        return read_model.extra_slots(self.layout, self.cfg.locks.max_procs, self.cfg.locks.standby_max_procs)
+
+    def lock_file_missing(self) -> bool:
+        """Some expected slot has no lock file (a few stats: no lock is read)."""
+        return read_model.lock_file_missing(self.layout, self.cfg.locks)
+
+    def outcome(self, action: str, status: int, slots: list[SlotReport] | None = None,
+                **detail: object) -> Outcome:
+        """The action's result: the lines said so far, ``slots`` and ``detail`` (for JSON)."""
+        return Outcome(self.cfg.name, action, status, tuple(self.steps), tuple(slots or ()),
+                       self.cfg.log_file, dict(detail))
+
+
+class ControlLock:
+    """``with ControlLock(svc):`` holds the controllers' lock for the body; another
+    controller waits its turn (a class, not contextlib: a fast command's import).
+
+    Raises NotPermittedError (a symlink, or no permission), ConfigError (another
+    reason the lock file cannot be opened), BusyError (not free within ``timeout``).
+    """
+
+    def __init__(self, svc: Service, timeout: float = CONTROL_TIMEOUT) -> None:
+        self.svc = svc
+        self.timeout = timeout
+        self.fd = -1
+
+    def __enter__(self) -> None:
+        path = self.svc.layout.control_lock
+        try:
+            fd = flock.take_control(path, self.timeout)
+        except PermissionError as exc:
+            raise NotPermittedError(f"cannot take lock {path}: {exc.strerror}") from exc
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise NotPermittedError(f"cannot take lock {path}: it is a symbolic link (never followed)") from exc
+            raise ConfigError(f"cannot take lock {path}: {exc.strerror}") from exc
+        if fd is None:
+            raise BusyError(f"another hadctl is working on {self.svc.cfg.name} (it holds {path}); "
+                            f"gave up after {self.timeout:g} s")
+        self.fd = fd
+
+    def __exit__(self, *_exc: object) -> None:
+        os.close(self.fd)
+
+
+# ------------------------------------------------------------ folders and files
+
+
+def prepare(svc: Service) -> None:
+    """Create pid_dir, lock folders and log files before the first fork.
+
+    Folders we create are given to the service's user, so an unprivileged
+    worker can write its pid files. Bad paths fail here, before anything runs:
+    ConfigError or NotPermittedError; ActionFailedError beside orphaned holders.
+    """
+    cfg = svc.cfg
+    refuse_beside_orphans(svc)
+    check_paths(cfg)
+    ident = cfg.identity
+    chown = os.geteuid() == 0 and ident.uid is not None
+    for key, folder in (("pid_dir", cfg.pid_dir), ("locks.path", cfg.locks.path),
+                        ("locks.standby_path", cfg.locks.standby_path)):
+        existed = os.path.isdir(folder)
+        try:
+            os.makedirs(folder, 0o755, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise ConfigError(f'{cfg.config_file}: key "{key}": {folder} is not a directory') from None
+        except PermissionError:
+            raise NotPermittedError(f"cannot create {folder}: Permission denied") from None
+        except OSError as exc:
+            raise ConfigError(f'{cfg.config_file}: key "{key}": cannot create {folder}: {exc.strerror}') from None
+        if not os.access(folder, os.W_OK):
+            raise NotPermittedError(f"cannot write in {folder}: Permission denied")
+        if chown and not existed:
+            # never through a link: once pid_dir is the user's, its user could swap
+            # the lock folder we just made for a link to /etc
+            os.chown(folder, ident.uid or 0, -1 if ident.gid is None else ident.gid, follow_symlinks=False)
+    for key, path in (("log_file", cfg.log_file), ("stdout_file", cfg.stdout_file),
+                      ("stderr_file", cfg.stderr_file)):
+        if path is None:
+            continue
+        existed = os.path.exists(path)
+        try:
+            fd = open_append(path)
+        except PermissionError:
+            raise NotPermittedError(f"cannot open {key} {path}: Permission denied") from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise _link_refused(key, path) from None
+            raise ConfigError(f'{cfg.config_file}: key "{key}": cannot open {path}: {exc.strerror}') from None
+        try:
+            if chown and not existed:
+                os.fchown(fd, ident.uid or 0, -1 if ident.gid is None else ident.gid)  # the file we opened
+        finally:
+            os.close(fd)
+
+
+def _link_refused(key: str, path: str) -> NotPermittedError:
+    return NotPermittedError(f"{key} {path} is a symbolic link in a folder that others can write: "
+                             "not followed as root")
+
+
+def check_paths(cfg: ServiceConfig) -> None:
+    """Refuse an unusable folder or file before ``prepare`` creates any: a bad
+    log_file must not leave new folders in pid_dir. Changes nothing; raises
+    ConfigError or NotPermittedError; ``prepare`` still reports whatever this
+    cannot foresee."""
+    import stat
+
+    for key, path, folder in (("pid_dir", cfg.pid_dir, True), ("locks.path", cfg.locks.path, True),
+                              ("locks.standby_path", cfg.locks.standby_path, True),
+                              ("log_file", cfg.log_file, False), ("stdout_file", cfg.stdout_file, False),
+                              ("stderr_file", cfg.stderr_file, False)):
+        if path is None:
+            continue
+        existing = path
+        while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
+            existing = os.path.dirname(existing)  # the nearest part of the path that exists
+        if existing == path and folder != os.path.isdir(path):
+            problem = "is not a directory" if folder else "is a directory"
+            raise ConfigError(f'{cfg.config_file}: key "{key}": {path} {problem}')
+        if existing == path and not folder and (stat.S_ISFIFO(os.lstat(path).st_mode) or
+                                                stat.S_ISSOCK(os.lstat(path).st_mode)):
+            # opening a FIFO for writing blocks until someone reads it: every command would hang
+            # (lstat: /dev/stdout, a link to whatever fd 1 is, stays allowed)
+            raise ConfigError(f'{cfg.config_file}: key "{key}": {path} is a FIFO or a socket, not a file')
+        if existing == path and not folder and os.path.islink(path) and not follows_last_link(path):
+            raise _link_refused(key, path)
+        if existing != path and not os.path.isdir(existing):
+            raise ConfigError(f'{cfg.config_file}: key "{key}": cannot create {path}: {existing} is not a directory')
+        if not os.access(existing, os.W_OK | (os.X_OK if existing != path else 0)):
+            what = (f"write in {path}" if folder else f"open {key} {path}") if existing == path else f"create {path}"
+            raise NotPermittedError(f"cannot {what}: Permission denied")
+
+
+def refuse_beside_orphans(svc: Service) -> None:
+    """Start nothing beside processes that hold lock files deleted from under them:
+    fresh lock files would let a second main in. Raises ActionFailedError."""
+    if not svc.lock_file_missing():
+        return
+    orphans = [r for r in svc.slots()[0] if r.running and read_model.DELETED_LOCK in r.stale]
+    if orphans:
+        held = ", ".join(f"{r.label} (pid {r.pid})" for r in orphans)
+        raise ActionFailedError(f"{held} still hold slots whose lock files were deleted (was {svc.cfg.pid_dir} "
+                                f"removed while {svc.cfg.name} ran?); run stop first")
+
+
+def touch(path: str) -> None:
+    """Make ``path`` exist, never through a symlink and never blocking; raises OSError.
+
+    A link planted in pid_dir (its user may write there) must not make a root
+    controller create files elsewhere: the link is removed. Opening a FIFO for
+    writing waits for a reader; a FIFO exists, which is all we want."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # a FIFO nobody reads: it exists, which is all we want
+            return
+        if exc.errno != errno.ELOOP:
+            raise
+        os.unlink(path)
+        fd = os.open(path, flags, 0o644)
+    os.close(fd)
+
+
+def remove(path: str) -> None:
+    """Remove ``path`` if it exists (a missing file is what we wanted)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def clean_stale(svc: Service, stale: list[read_model.Stale]) -> None:
+    """Remove stale pid files (re-read first: a new holder may have just renamed its own)."""
+    for item in stale + read_model.unknown_pid_files(svc.layout, svc.cfg.name):
+        now = read_pid_file(item.path)
+        if now is None or (now.pid is not None and now.pid != item.pid):
+            continue  # gone, or replaced by a process that has just taken the slot
+        if remove_stale(item.path):
+            svc.say(f"removed stale {os.path.basename(item.path)} ({item.why})", "OK")
+        else:
+            svc.say(f"cannot remove stale {item.path} ({item.why})", "Failed", ok=False)
+
+
+# ------------------------------------------------------------ filling free slots
+
+
+def fill(svc: Service, reports: list[SlotReport]) -> int:
+    """Spawn one process per free slot of ``reports``; returns the LSB status of the
+    attempt (0; 1 failed; 5 the entrypoint cannot be imported), saying each result."""
+    free = [r for r in reports if not r.running]
+    if not free:
+        return 0
+    _cut_back_off(svc)
+    status = 0
+    failures: set[str] = set()
+    started: set[tuple[str, int | None]] = set()
+    others = False
+    for report in _spawn(svc, len(free)):
+        if report.kind in ("main", "standby"):
+            svc.say(f"{report.kind} #{report.slot} started (pid {report.pid})", "Started")
+            started.add((report.kind, report.slot))
+        elif report.kind == "noslot":
+            svc.log.trace(f"spawned process {report.pid} found every slot taken")
+            others = True
+        elif report.message not in failures:
+            failures.add(report.message)
+            if report.kind == "import-error":
+                svc.say(f"cannot start: {report.message}", "Failed", ok=False)
+                status = 5
+            elif report.kind == "stopfile":
+                svc.say(f"not started: standby stop file {svc.cfg.standby_stop_file} exists", "Failed", ok=False)
+                status = max(status, 1)
+            else:
+                svc.say(f"cannot start: {report.message}", "Failed", ok=False)
+                status = status or 1
+    if others:  # a slot was filled by another process meanwhile (a promoted main's replacement standby)
+        before = {(r.role.value, r.slot) for r in reports if r.running}
+        for now in svc.slots()[0]:
+            key = (now.role.value, now.slot)
+            if now.running and key not in before and key not in started:
+                svc.say(f"{now.label} started (pid {now.pid})", "Started")
+    return status
+
+
+def _spawn(svc: Service, count: int) -> list[spawn.Report]:
+    spec = svc.cfg.worker_spec()
+    env = spawn.worker_environment(spec)
+    started = [spawn.spawn(spec, env) for _ in range(count)]
+    timeout = SPAWN_TIMEOUT + (svc.cfg.ready_timeout or 0)
+    return spawn.collect(started, timeout)
+
+
+def _cut_back_off(svc: Service) -> None:
+    """A person (or cron) asked for processes: end a crash-loop back-off wait."""
+    found = read_pid_file(svc.layout.backoff_file)
+    if found is None or found.pid is None or not probe.is_worker_of(found.pid, svc.layout, svc.cfg.name):
+        return
+    target = probe.open_target(found.pid)
+    if target is not None:
+        target.signal(lean.SIGTERM, group=False)
+        target.exited(svc.cfg.signal_timeout)
+        target.close()
+        svc.say(f"crash-loop back-off of pid {found.pid} cut short", "OK")
