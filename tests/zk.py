@@ -1,4 +1,4 @@
-"""Throw-away ZooKeeper servers and a cuttable TCP proxy for the ZooKeeper engine's tests (issue #7).
+"""Throw-away ZooKeeper servers and a cuttable TCP proxy for the ZooKeeper engine's tests.
 
 ``Server`` runs Debian's ZooKeeper (``/usr/share/java/zookeeper.jar``, whose manifest
 names its dependencies) with ``java`` directly: tickTime 500 ms, admin server off,
