@@ -6,7 +6,7 @@ log as ``phase A -> B``):
 
   phase      holds                               leaves for
   starting   alive lock, unknown-PID.pid          backoff, standby, main, leaving
-  backoff    the same, and hadctl-backoff         starting (to take a slot), leaving
+  backoff    the same, and hadctl-backoff.pid     starting (to take a slot), leaving
   standby    a standby slot, standby-N.pid        main, leaving
   main       a main slot, main-N.pid              done
   done       nothing (the function returned)      exit, through a full interpreter exit
