@@ -234,3 +234,42 @@ def test_merge_zookeeper_names_a_process_of_this_host_that_is_gone():
     merged = _merge(SlotReport(Role.MAIN, 1, None), ("host-a", 300, 5))
     assert (merged.pid, merged.host) == (None, None)
     assert "which is gone" in merged.stale[0]
+
+
+# ------------------------------------------------------------------ engine factories
+
+
+def _config(tmp_path, locks: str = "") -> object:
+    from hadctl import config
+
+    path = tmp_path / "svc.toml"
+    path.write_text(f'name = "svc"\nentrypoint = "app:run"\npid_dir = "{tmp_path}/run"\n'
+                    f'log_file = "{tmp_path}/svc.log"\n{locks}')
+    return config.load(str(path))
+
+
+def test_the_flock_controller_engine_loads_neither_kazoo_nor_the_spec(tmp_path):
+    import subprocess
+    import sys
+
+    _config(tmp_path)  # the file is valid
+    code = ("import sys\nfrom hadctl import config\nfrom hadctl.locks.engine import controller_engine\n"
+            f"engine = controller_engine(config.load({str(tmp_path / 'svc.toml')!r}), None)\n"
+            "print(engine.new_holder(1, 5), engine.sees_ready(1, 5), engine.status_slots([], None))\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('kazoo', 'hadctl.spec', 'hadctl.locks.zoo'))))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.splitlines() == ["None True ([], None)", "[]"]
+
+
+def test_the_zookeeper_engines_are_built_without_a_session(tmp_path):
+    pytest.importorskip("kazoo", reason="the ZooKeeper engine needs kazoo")
+    from hadctl.layout import Layout
+    from hadctl.locks.engine import controller_engine, worker_engine
+    from hadctl.locks.zookeeper import ZooKeeperEngine
+
+    cfg = _config(tmp_path, '[locks]\nengine = "zookeeper"\nhosts = "127.0.0.1:1"\n')
+    engine = controller_engine(cfg, None)
+    assert isinstance(engine, ZooKeeperEngine) and engine.client is None
+    spec = cfg.worker_spec()
+    layout = Layout(spec.pid_dir, spec.locks_path, spec.locks_standby_path, spec.standby_stop_file)
+    assert isinstance(worker_engine(spec, layout, None), ZooKeeperEngine)

@@ -67,7 +67,11 @@ class Waits:
 
 
 class Engine:
-    """Main slots of one service; see the module docstring for the protocol."""
+    """Main slots of one service; see the module docstring for the protocol.
+
+    The controller-side defaults here are the flock engine's (nothing beyond this
+    host's locks); the worker-side methods each engine implements.
+    """
 
     def start(self) -> None:
         pass
@@ -113,7 +117,13 @@ def worker_engine(spec: WorkerSpec, layout: Layout, log: Any) -> Engine:
 
 
 def controller_engine(cfg: ServiceConfig, log: Any) -> Engine:
-    """The engine a controller asks about ``cfg``'s main slots (kazoo only for ZooKeeper)."""
+    """The engine a controller asks about ``cfg``'s main slots (kazoo only for ZooKeeper).
+
+    For flock the controller side is this base class's: this host's locks are all
+    there is, and actions read them itself. So a ``status`` builds no worker spec.
+    """
+    if cfg.locks.engine != "zookeeper":
+        return Engine()
     from ..layout import Layout
 
     spec = cfg.worker_spec()
