@@ -56,7 +56,7 @@ from . import layout as paths
 from . import spawn as protocol
 from .entrypoint import EntrypointError, call, resolve
 from .locks import flock
-from .locks.engine import EngineError, GaveUp, Waits, worker_engine
+from .locks.engine import Engine, EngineError, GaveUp, Waits, worker_engine
 from .log import Log, open_append
 from .spec import read as read_spec
 from .spawn import spawn_from_worker
@@ -115,7 +115,7 @@ class Worker(Waits):
         self.blocking = False  # inside block(): a signal raises _Wake
         self.watch_fd = -1
         self.alive_fd = -1
-        self.engine = worker_engine(spec, self.layout, self.log)
+        self.engine = Engine()  # no engine yet (its close() does nothing); the real one after the imports
 
     def enter(self, phase: str) -> None:
         self.log.trace(f"worker {self.pid}: phase {self.phase} -> {phase}")
@@ -197,6 +197,7 @@ class Worker(Waits):
             return self.leave(protocol.STOPFILE)
         if spec.spawned_by_main and not self._back_off():
             return self.leave(protocol.STOPFILE)
+        self.engine = worker_engine(spec, self.layout, self.log)  # ZooKeeper: kazoo is imported here
         self.engine.start()
         mains = list(range(spec.locks_max_procs, 0, -1))
         taken = self.engine.take_main(mains)
