@@ -58,8 +58,8 @@ from .entrypoint import EntrypointError, call, resolve
 from .locks import flock
 from .locks.engine import Engine, EngineError, GaveUp, Waits, worker_engine
 from .log import Log, open_append
-from .spec import read as read_spec
 from .spawn import spawn_from_worker
+from .spec import read as read_spec
 
 if lean.TYPE_CHECKING:
     from typing import Any, Callable

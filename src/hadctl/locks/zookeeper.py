@@ -707,8 +707,8 @@ def _close_views() -> None:
     _views.clear()
 
 
-def merge(report: "SlotReport", found: tuple[str, int | None, int] | None, me: str,
-          is_alive: Callable[[int], bool], session_timeout: float) -> "SlotReport":
+def merge(report: SlotReport, found: tuple[str, int | None, int] | None, me: str,
+          is_alive: Callable[[int], bool], session_timeout: float) -> SlotReport:
     """One local main-slot report merged with ``found``, ZooKeeper's (host, pid, czxid)
     of the slot's holder (None: nobody holds it); ``me`` is this host's id."""
     from ..record import replace
