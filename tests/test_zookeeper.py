@@ -1,4 +1,4 @@
-"""The ZooKeeper lock engine (issue #7): main slots shared by hosts, fencing, clear errors.
+"""The ZooKeeper lock engine: main slots shared by hosts, fencing, clear errors.
 
 Real ZooKeeper servers (tests/zk.py), real hadctl processes. Two "hosts" are two
 configs on this machine with their own pid_dir and ``HADCTL_HOST_ID``; both mains
@@ -360,3 +360,27 @@ def test_the_flock_worker_does_not_load_kazoo():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert result.stdout.strip() == "False"
+
+
+def test_the_private_kazoo_names_hadctl_relies_on_are_still_there():
+    """kazoo has no public way to set a lock's retry or to observe every reply; hadctl
+    sets ``Lock._retry`` (copied by ``Lock.acquire``) and wraps
+    ``ConnectionHandler._read_header`` (the fencing lease). A kazoo that renames
+    either must fail here, not silently in production."""
+    import inspect
+
+    from kazoo.client import KazooClient
+    from kazoo.protocol.connection import ConnectionHandler
+    from kazoo.recipe.lock import Lock
+    from kazoo.retry import KazooRetry
+
+    from hadctl.locks.zookeeper import _retry_quickly
+
+    client = KazooClient(hosts="127.0.0.1:1")  # never started: no connection is made
+    lock = Lock(client, "/hadctl/x/slot-1", "host 1")
+    assert isinstance(lock._retry, KazooRetry)
+    _retry_quickly(lock, client)
+    assert lock._retry.max_delay == 0.5
+    assert "self._retry.copy()" in inspect.getsource(Lock.acquire)
+    assert callable(getattr(ConnectionHandler, "_read_header", None))
+    assert isinstance(client._connection, ConnectionHandler)

@@ -19,6 +19,8 @@ from .record import record
 if lean.TYPE_CHECKING:
     from typing import Any, Callable
 
+    from .spec import WorkerSpec
+
     Check = Callable[[Any], Any]
 
 DEFAULT_STOP_SIGNALS = ("TERM", "TERM", "INT", "KILL")
@@ -158,49 +160,50 @@ class ServiceConfig:
     def main_stderr(self) -> str:
         return self.stderr_file or self.log_file
 
-    def worker_spec(self) -> dict[str, Any]:
-        """The plain dict (marshal-able) a spawned worker needs; see worker.py."""
+    def worker_spec(self) -> WorkerSpec:
+        """What a spawned worker needs (spec.py); the host id is computed here, once."""
+        from .lean import host_id
+        from .spec import WorkerSpec
+
         locks = self.locks
-        return {
-            "name": self.name,
-            "entrypoint": self.entrypoint,
-            "args": list(self.args),
-            "python_path": list(self.python_path),
-            "pid_dir": self.pid_dir,
-            "lock_path": locks.path,
-            "standby_lock_path": locks.standby_path,
-            "standby_stop_file": self.standby_stop_file,
-            "max_procs": locks.max_procs,
-            "standby_max_procs": locks.standby_max_procs,
-            "interval": locks.interval,
-            "retries": locks.retries,
-            "log_file": self.log_file,
-            "stdout_file": self.main_stdout,
-            "stderr_file": self.main_stderr,
-            "process_name_change": self.process_name_change,
-            "close_fds_on_start": self.close_fds_on_start,
-            "reset_close_on_exec_main_lock_fd": self.reset_close_on_exec_main_lock_fd,
-            "respawn_standby": self.respawn_standby,
-            "start_limit_burst": self.start_limit_burst,
-            "start_limit_interval": self.start_limit_interval,
-            "restart_backoff_max": self.restart_backoff_max,
-            "warmup": self.warmup,
-            "uid": self.identity.uid,
-            "gid": self.identity.gid,
-            "user": self.identity.user,
-            "home": self.identity.home,
-            "umask": self.umask,
-            "directory": self.directory,
-            "env": dict(self.env),
-            "manual": True,  # spawned by a person or cron: no crash-loop back-off
-            # ZooKeeper engine (issue #7, locks/zookeeper.py); host id as in zookeeper.host_id()
-            "engine": locks.engine,
-            "zk_hosts": locks.hosts,
-            "zk_root": locks.root,
-            "session_timeout": locks.session_timeout,
-            "fence_grace": locks.fence_grace,
-            "host_id": os.environ.get("HADCTL_HOST_ID") or os.uname().nodename,
-        }
+        return WorkerSpec(
+            name=self.name,
+            entrypoint=self.entrypoint,
+            pid_dir=self.pid_dir,
+            log_file=self.log_file,
+            standby_stop_file=self.standby_stop_file,
+            locks_path=locks.path,
+            locks_standby_path=locks.standby_path,
+            args=tuple(self.args),
+            python_path=tuple(self.python_path),
+            stdout_file=self.main_stdout,
+            stderr_file=self.main_stderr,
+            warmup=self.warmup,
+            process_name_change=self.process_name_change,
+            close_fds_on_start=self.close_fds_on_start,
+            reset_close_on_exec_main_lock_fd=self.reset_close_on_exec_main_lock_fd,
+            respawn_standby=self.respawn_standby,
+            start_limit_burst=self.start_limit_burst,
+            start_limit_interval=self.start_limit_interval,
+            restart_backoff_max=self.restart_backoff_max,
+            umask=self.umask,
+            directory=self.directory,
+            env=tuple(self.env),
+            user=self.identity.user,
+            uid=self.identity.uid,
+            gid=self.identity.gid,
+            home=self.identity.home,
+            locks_engine=locks.engine,
+            locks_hosts=locks.hosts,
+            locks_root=locks.root,
+            locks_session_timeout=locks.session_timeout,
+            locks_fence_grace=locks.fence_grace or 0.0,
+            locks_max_procs=locks.max_procs,
+            locks_standby_max_procs=locks.standby_max_procs,
+            locks_interval=locks.interval,
+            locks_retries=locks.retries,
+            host_id=host_id(),
+        )
 
 
 # ---------------------------------------------------------------- validation

@@ -1,13 +1,14 @@
-"""Turning ``"module:function"`` into a callable, and a return value into an exit status.
+"""Turning ``"module:function"`` into a callable, calling it, and its end into an exit status.
 
 Shared by the worker (which must stay small: standard library only, no typing)
-and ``hadctl foreground``. Imports nothing from hadctl.
+and ``hadctl foreground``. Imports lean only.
 """
 from __future__ import annotations
 
 import sys
 
-TYPE_CHECKING = False  # not typing's: the worker imports this module
+from .lean import TYPE_CHECKING
+
 if TYPE_CHECKING:
     from typing import Any, Callable
 
@@ -46,3 +47,22 @@ def exit_status(code: object) -> int:
         return code & 0xFF
     print(code, file=sys.stderr)
     return 1
+
+
+def call(function: Callable[..., Any], args: tuple[Any, ...] | list[Any]) -> int:
+    """Run the service's function; its end as an exit status.
+
+    A return value or ``SystemExit`` code goes through ``exit_status``; any other
+    exception (the service's own failure) has its traceback printed to stderr
+    and gives 1.
+    """
+    try:
+        code = function(*args)
+    except SystemExit as exc:
+        code = exc.code
+    except BaseException:  # noqa: BLE001 - the service's own failure; goes to its stderr
+        import traceback
+
+        traceback.print_exc()
+        return 1
+    return exit_status(code)

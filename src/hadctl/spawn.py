@@ -8,36 +8,50 @@ The recipe, in the order it runs (APUE §13.3, "Coding Rules" for daemons):
                _reset_signals, _close_fds, _exec_worker
 
 The grandchild execs a fresh interpreter (the worker), so a standby carries
-none of the controller's memory (click, rich, tomllib). The worker tells how it
-ended up on the report pipe, one line: ``standby 2 PID``, ``main 1 PID``,
-``noslot PID``, ``stopfile PID``, ``import-error PID MESSAGE`` or
+none of the controller's memory (click, rich, tomllib). The spec goes to it as
+framed by spec.py. The worker tells how it ended up on the report pipe, one line
+written by ``format_report`` and read by ``parse_report``: ``standby 2 PID``,
+``main 1 PID``, ``noslot PID``, ``stopfile PID``, ``import-error PID MESSAGE`` or
 ``error PID MESSAGE``; the parent reads it against a deadline, never sleeping.
 
 A forked child never returns into its caller: its body ends in ``os._exit()``
 and a failure goes to the report pipe, never to logging.
-Imports errors, layout and log only (and the standard library). The worker imports it at its
-start, for the replacement standby a promoted main spawns: so ``_signal``, not
-``signal`` (whose enum costs a promoting standby milliseconds to import).
+Imports errors, layout, lean, log, record and spec only (and the standard library).
+The worker imports it at its start, for the replacement standby a promoted main
+spawns and for the report protocol: so lean's signal calls, not ``signal`` (whose
+enum costs a promoting standby milliseconds to import).
 """
 from __future__ import annotations
 
-import _signal
 import fcntl
-import marshal
 import os
 import select
 import sys
 import time
 
+from . import lean
 from .errors import ActionFailedError
 from .layout import write_pid_file
 from .log import open_append
+from .record import replace
+from .spec import WorkerSpec, frame
 
 HADCTL_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BOOT = (f"import sys; sys.path.insert(0, {HADCTL_DIR!r}); "
         "from hadctl.worker import main; main()")
 _ALIVE_FD = 4  # where a standby spawned by a main finds the main's alive lock fd
 _RESET_SIGNALS = ("HUP", "INT", "QUIT", "TERM", "USR1", "USR2", "PIPE", "CHLD", "TTIN", "TTOU", "TSTP")
+
+
+# The report protocol: one line per spawned process, "KIND [SLOT] PID [MESSAGE]".
+MAIN = "main"  # took main slot SLOT and runs the function
+STANDBY = "standby"  # took standby slot SLOT and waits for a main slot
+NOSLOT = "noslot"  # every slot was taken: left
+STOPFILE = "stopfile"  # a stop is under way (the standby stop file exists): left
+IMPORT_ERROR = "import-error"  # the entrypoint or warmup cannot be imported: left
+ERROR = "error"  # anything else that went wrong: left; MESSAGE says what
+KINDS = (MAIN, STANDBY, NOSLOT, STOPFILE, IMPORT_ERROR, ERROR)
+_WITH_SLOT = (MAIN, STANDBY)
 
 
 class Report:
@@ -51,20 +65,48 @@ class Report:
         self.slot = slot
         self.message = message
 
-    @classmethod
-    def parse(cls, line: str) -> "Report":
-        words = line.split(" ", 3)
-        kind = words[0]
-        try:
-            if kind in ("main", "standby"):
-                return cls(kind, int(words[2]), int(words[1]))
-            pid = int(words[1]) if len(words) > 1 else None
-        except (ValueError, IndexError):
-            return cls("error", None, None, f"unreadable report {line!r}")
-        return cls(kind, pid, None, " ".join(words[2:]))
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Report) and (self.kind, self.pid, self.slot, self.message) == \
+            (other.kind, other.pid, other.slot, other.message)
 
     def __repr__(self) -> str:
         return f"Report({self.kind!r}, pid={self.pid}, slot={self.slot}, {self.message!r})"
+
+
+def format_report(kind: str, pid: int, slot: int | None = None, message: str = "") -> str:
+    """One report line (no newline): ``main 1 PID``, ``error PID MESSAGE`` ...
+
+    ``slot`` is given exactly for main and standby. A message is one line:
+    newlines become spaces.
+    """
+    if kind not in KINDS or (slot is not None) != (kind in _WITH_SLOT):
+        raise ValueError(f"bad report: {kind!r} slot={slot!r}")
+    words = [kind] + ([str(slot)] if slot is not None else []) + [str(pid)]
+    if message:
+        words.append(message.replace("\n", " "))
+    return " ".join(words)
+
+
+def parse_report(line: str) -> Report:
+    """The report ``format_report`` wrote; a line that is not one becomes an ``error`` report saying so."""
+    words = line.rstrip("\n").split(" ", 3 if line.startswith(_WITH_SLOT) else 2)
+    kind = words[0]
+    try:
+        if kind in _WITH_SLOT:
+            return Report(kind, int(words[2]), int(words[1]), words[3] if len(words) > 3 else "")
+        if kind in KINDS:
+            return Report(kind, int(words[1]), None, words[2] if len(words) > 2 else "")
+    except (ValueError, IndexError):
+        pass
+    return Report(ERROR, None, None, f"unreadable report {line!r}")
+
+
+def write_report(fd: int, kind: str, pid: int, slot: int | None = None, message: str = "") -> None:
+    """Write one report line to ``fd``; a reader that went away is not an error."""
+    try:
+        os.write(fd, (format_report(kind, pid, slot, message) + "\n").encode("utf-8", "replace"))
+    except OSError:
+        pass
 
 
 class Spawned:
@@ -77,43 +119,18 @@ class Spawned:
         self.buffer = b""
 
 
-def frame_spec(spec: dict) -> bytes:  # type: ignore[type-arg]
-    """The spec as the worker reads it: its length (8 bytes), then marshal data.
-
-    The worker reads exactly that many bytes rather than up to EOF: a child
-    forked by a main while it spawned a replacement may hold the pipe open.
-    """
-    data = marshal.dumps(spec)
-    return len(data).to_bytes(8, "little") + data
-
-
-def read_spec(fd: int) -> dict:  # type: ignore[type-arg]
-    """Read one framed spec from ``fd`` (see frame_spec); raises EOFError if cut short."""
-    def exactly(count: int) -> bytes:
-        data = b""
-        while len(data) < count:
-            chunk = os.read(fd, count - len(data))
-            if not chunk:
-                raise EOFError("the spec pipe closed early")
-            data += chunk
-        return data
-
-    spec: dict = marshal.loads(exactly(int.from_bytes(exactly(8), "little")))  # type: ignore[type-arg]
-    return spec
-
-
-def worker_environment(spec: dict) -> dict[str, str]:  # type: ignore[type-arg]
+def worker_environment(spec: WorkerSpec) -> dict[str, str]:
     """The environment the worker starts with: ours, plus ``env``, HOME and USER."""
     env = {k: v for k, v in os.environ.items() if k != "HADC_lock_fd"}
-    env.update(spec["env"])
-    if spec["user"] is not None:
-        env["USER"] = env["LOGNAME"] = spec["user"]
-    if spec["home"] is not None:
-        env["HOME"] = spec["home"]
+    env.update(spec.env)
+    if spec.user is not None:
+        env["USER"] = env["LOGNAME"] = spec.user
+    if spec.home is not None:
+        env["HOME"] = spec.home
     return env
 
 
-def spawn(spec: dict, env: dict[str, str]) -> Spawned:  # type: ignore[type-arg]
+def spawn(spec: WorkerSpec, env: dict[str, str]) -> Spawned:
     """Start one detached worker for ``spec`` (ServiceConfig.worker_spec())."""
     return _fork_and_read_report(spec, env)
 
@@ -134,11 +151,11 @@ def collect(spawned: list[Spawned], timeout: float) -> list[Report]:
             item.buffer += chunk
             if b"\n" in item.buffer or not chunk:
                 line = item.buffer.split(b"\n", 1)[0].decode("utf-8", "replace")
-                reports[fd] = (Report.parse(line) if line else
-                               Report("error", None, None, "the process exited without reporting its role"))
+                reports[fd] = (parse_report(line) if line else
+                               Report(ERROR, None, None, "the process exited without reporting its role"))
                 del waiting[fd]
     for fd in waiting:
-        reports[fd] = Report("error", None, None, f"no report within {timeout:g} s")
+        reports[fd] = Report(ERROR, None, None, f"no report within {timeout:g} s")
     for item in spawned:
         os.close(item.report_fd)
     return [reports[item.report_fd] for item in spawned]
@@ -147,16 +164,16 @@ def collect(spawned: list[Spawned], timeout: float) -> list[Report]:
 # ---------------------------------------------------------------- parent
 
 
-def _fork_and_read_report(spec: dict, env: dict[str, str]) -> Spawned:  # type: ignore[type-arg]
+def _fork_and_read_report(spec: WorkerSpec, env: dict[str, str]) -> Spawned:
     """Fork the child, hand the spec to the future worker through a pipe, reap the child.
 
-    The spec travels as marshal data (no import cost for the worker). The child
+    The spec travels as spec.frame makes it (marshal: no import cost for the worker). The child
     exits as soon as it has forked the grandchild, so waiting for it is short and
     leaves no zombie behind.
     """
     report_read, report_write = os.pipe()
     spec_read, spec_write = os.pipe()
-    payload = frame_spec(spec)
+    payload = frame(spec)
     try:
         pid = os.fork()
     except OSError as exc:
@@ -181,7 +198,7 @@ def _fork_and_read_report(spec: dict, env: dict[str, str]) -> Spawned:  # type: 
 # ---------------------------------------------------------------- child
 
 
-def _run_child(spec: dict, env: dict[str, str], report_fd: int, spec_fd: int,  # type: ignore[type-arg]
+def _run_child(spec: WorkerSpec, env: dict[str, str], report_fd: int, spec_fd: int,
                parent_fds: tuple[int, int]) -> None:
     """Body of the forked child: never returns, always ends in os._exit()."""
     try:
@@ -191,7 +208,7 @@ def _run_child(spec: dict, env: dict[str, str], report_fd: int, spec_fd: int,  #
         _fork_again_and_leave()
         _run_grandchild(spec, env, report_fd, spec_fd)
     except BaseException as exc:  # noqa: BLE001 - a forked child reports everything
-        _say(report_fd, f"error {os.getpid()} {_describe(exc)}")
+        write_report(report_fd, ERROR, os.getpid(), message=_describe(exc))
     finally:
         os._exit(127)
 
@@ -219,13 +236,13 @@ def _fork_again_and_leave() -> None:
 # ---------------------------------------------------------------- grandchild
 
 
-def _run_grandchild(spec: dict, env: dict[str, str], report_fd: int, spec_fd: int) -> None:  # type: ignore[type-arg]
-    _stdio_to_log(spec["log_file"])
-    _drop_privileges(spec["uid"], spec["gid"], spec["user"])
-    _set_umask(spec["umask"])
-    _chdir(spec["directory"])
+def _run_grandchild(spec: WorkerSpec, env: dict[str, str], report_fd: int, spec_fd: int) -> None:
+    _stdio_to_log(spec.log_file)
+    _drop_privileges(spec.uid, spec.gid, spec.user)
+    _set_umask(spec.umask)
+    _chdir(spec.directory)
     _reset_signals()
-    _close_fds(spec["close_fds_on_start"], keep=(report_fd, spec_fd))
+    _close_fds(spec.close_fds_on_start, keep=(report_fd, spec_fd))
     _exec_worker(env, report_fd, spec_fd)
 
 
@@ -281,8 +298,8 @@ def _reset_signals() -> None:
     give a service that cannot be reloaded with SIGHUP.
     """
     for name in _RESET_SIGNALS:
-        _signal.signal(getattr(_signal, "SIG" + name), _signal.SIG_DFL)
-    _signal.pthread_sigmask(_signal.SIG_SETMASK, [])
+        lean.set_handler(lean.signum(name), lean.SIG_DFL)
+    lean.unblock_all()
 
 
 def _close_fds(close: bool, keep: tuple[int, int]) -> None:
@@ -311,7 +328,7 @@ def _exec_worker(env: dict[str, str], report_fd: int, spec_fd: int) -> None:
 # ---------------------------------------------------------------- from a main
 
 
-def spawn_from_worker(spec: dict, close: tuple[int, ...] = (), alive_fd: int = -1) -> int:  # type: ignore[type-arg]
+def spawn_from_worker(spec: WorkerSpec, close: tuple[int, ...] = (), alive_fd: int = -1) -> int:
     """Start a standby from a promoted main, without delaying the main.
 
     posix_spawn (vfork-fast) with setsid: the new process already has the
@@ -325,7 +342,7 @@ def spawn_from_worker(spec: dict, close: tuple[int, ...] = (), alive_fd: int = -
     a stop waits for it even if the main dies before naming it in pid_dir.
     """
     spec_read, spec_write = os.pipe()
-    log = open_append(spec["log_file"])
+    log = open_append(spec.log_file)
     alive_copy = -1
     try:
         actions = [
@@ -338,31 +355,24 @@ def spawn_from_worker(spec: dict, close: tuple[int, ...] = (), alive_fd: int = -
             # a copy above 3 first: were it fd 3, the spec pipe's dup2 would replace it
             alive_copy = fcntl.fcntl(alive_fd, fcntl.F_DUPFD_CLOEXEC, 10)
             actions.append((os.POSIX_SPAWN_DUP2, alive_copy, _ALIVE_FD))  # after the closes: 4 may be one
-            spec = {**spec, "alive_fd": _ALIVE_FD}
+            spec = replace(spec, alive_fd=_ALIVE_FD)
         env = {k: v for k, v in os.environ.items() if k != "HADC_lock_fd"}
         pid = os.posix_spawn(sys.executable, [sys.executable, "-c", BOOT, "-1", "3"], env,
                              file_actions=actions, setsid=True,
-                             setsigdef=[getattr(_signal, "SIG" + n) for n in _RESET_SIGNALS],
+                             setsigdef=[lean.signum(n) for n in _RESET_SIGNALS],
                              setsigmask=[])
         # Name it at once in pid_dir (it does so itself only once Python is up), so a
         # stop racing this spawn sees it and waits for it to leave.
         try:
-            write_pid_file(os.path.join(spec["pid_dir"], f"unknown-{pid}.pid"), pid)
+            write_pid_file(os.path.join(spec.pid_dir, f"unknown-{pid}.pid"), pid)
         except OSError:
             pass  # it will try itself, and report what is wrong with pid_dir
-        os.write(spec_write, frame_spec(spec))
+        os.write(spec_write, frame(spec))
     finally:
         for fd in (spec_read, spec_write, log, alive_copy):
             if fd >= 0:
                 os.close(fd)
     return pid
-
-
-def _say(fd: int, line: str) -> None:
-    try:
-        os.write(fd, (line.replace("\n", " ") + "\n").encode("utf-8", "replace"))
-    except OSError:
-        pass
 
 
 def _describe(exc: BaseException) -> str:

@@ -12,19 +12,29 @@ Finding a holder: a hinted pid is confirmed through ``/proc/PID/fdinfo``
 shared non-blocking try tells a free slot at once; only a slot held by an
 unexpected process needs ``/proc/locks`` (its first read costs 10-18 ms).
 
-Imports nothing from hadctl beyond the standard library; the worker uses it.
+``FlockEngine`` is the flock implementation of the lock-engine protocol
+(locks/engine.py) for main slots.
+
+Imports lean and locks.engine from hadctl; the worker uses it. ``_thread``
+rather than ``threading``: the worker imports this module, and threading pulls
+in enum and friends (about 1 MB of a standby's RSS).
 """
 from __future__ import annotations
 
-import _signal
 import _thread
 import errno
 import fcntl
 import os
 
-# _signal and _thread rather than signal and threading: the worker imports this
-# module, and those two pull in enum and friends (about 1 MB of a standby's RSS).
-_CANCEL_SIGNAL = _signal.SIGUSR2
+from .. import lean
+from .engine import Engine, GaveUp
+
+if lean.TYPE_CHECKING:
+    from ..layout import Layout
+    from ..spec import WorkerSpec
+    from .engine import Waits
+
+_CANCEL_SIGNAL = lean.SIGUSR2
 
 
 def open_lock_file(path: str) -> int:
@@ -123,7 +133,7 @@ class SlotWaiter:
         self._read, self._write = os.pipe()
         os.set_blocking(self._read, False)
         self._cancelled = False
-        self._previous_handler = _signal.signal(_CANCEL_SIGNAL, _ignore)
+        self._previous_handler = lean.set_handler(_CANCEL_SIGNAL, _ignore)
         self._waits: list[tuple[int, int, _thread.LockType]] = []  # slot, fd, "done" lock
         self._idents: list[int] = []
         for slot, path in slots:
@@ -167,12 +177,12 @@ class SlotWaiter:
         for (_slot, _fd, done), ident in zip(self._waits, self._idents):
             while not done.acquire(blocking=False):
                 try:
-                    _signal.pthread_kill(ident, _CANCEL_SIGNAL)
+                    lean.pthread_kill(ident, _CANCEL_SIGNAL)
                 except ProcessLookupError:
                     break
                 if done.acquire(timeout=0.001):
                     break
-        _signal.signal(_CANCEL_SIGNAL, self._previous_handler)
+        lean.set_handler(_CANCEL_SIGNAL, self._previous_handler)
         for _slot, fd, _done in self._waits:
             if fd == keep:
                 continue
@@ -187,6 +197,73 @@ class SlotWaiter:
 
 def _ignore(_signum: int, _frame: object) -> None:
     """Handler of the cancel signal: its only job is to interrupt a blocked flock."""
+
+
+# ------------------------------------------------------------- the engine
+
+
+class FlockEngine(Engine):
+    """Main slots as this host's ``LOCKS/N.lock`` (see locks/engine.py for the protocol)."""
+
+    def __init__(self, spec: WorkerSpec, layout: Layout) -> None:
+        self.layout = layout
+        self.interval = spec.locks_interval
+        self.retries = spec.locks_retries
+        self.pid = os.getpid()
+
+    def _paths(self, slots: list[int]) -> list[tuple[int, str]]:
+        return [(slot, self.layout.lock_file("main", slot)) for slot in slots]
+
+    def take_main(self, slots: list[int]) -> tuple[int, int] | None:
+        return take_first_free(self._paths(slots), self.pid)
+
+    def release_main(self, slot: int, fd: int) -> None:
+        release(fd)
+
+    def wait_main(self, slots: list[int], waits: Waits) -> tuple[int, int] | None:
+        """With one slot, a blocking flock in this thread; with several, a SlotWaiter.
+        Wakes on its own only without a stop-file watch, or to count ``retries``."""
+        mains = self._paths(slots)
+        ticking = not waits.watched or self.retries is not None
+        if ticking:
+            lean.set_timer(self.interval, self.interval)
+        waiter = SlotWaiter(mains) if len(mains) > 1 else None
+        single_fd = open_lock_file(mains[0][1]) if waiter is None else -1
+        taken = None
+        tries = 0
+        try:
+            while True:
+                if waits.must_leave():
+                    return None
+                if waiter is None:
+                    taken = waits.block(self._lock_single, mains[0][0], single_fd)
+                else:
+                    taken = waiter.taken() if waits.block(_wait_readable, waiter.fd) else None
+                if taken is not None:
+                    note_holder(taken[1], self.pid)
+                    return taken
+                if self.retries is not None and not waits.interrupted():
+                    tries += 1
+                    if tries > self.retries:
+                        raise GaveUp(f"standby gives up after {self.retries} tries for a main slot")
+        finally:
+            if ticking:
+                lean.set_timer(0)
+            if waiter is not None:
+                waiter.cancel(keep=taken[1] if taken else None)
+            elif taken is None:
+                os.close(single_fd)
+
+    @staticmethod
+    def _lock_single(slot: int, fd: int) -> tuple[int, int]:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return slot, fd
+
+
+def _wait_readable(fd: int) -> bool:
+    import select
+
+    return bool(select.select([fd], [], [])[0])
 
 
 # ------------------------------------------------------------- who holds it
@@ -358,15 +435,15 @@ def take_control(path: str, timeout: float) -> int | None:
         return fd
     except BlockingIOError:
         pass
-    previous = _signal.signal(_signal.SIGALRM, _alarm)
+    previous = lean.set_handler(lean.SIGALRM, _alarm)
     try:
-        _signal.setitimer(_signal.ITIMER_REAL, max(timeout, 0.001))
+        lean.set_timer(max(timeout, 0.001))
         fcntl.flock(fd, fcntl.LOCK_EX)
         return fd
     except _TimedOut:
         os.close(fd)
         return None
     finally:
-        _signal.setitimer(_signal.ITIMER_REAL, 0)
-        _signal.signal(_signal.SIGALRM, previous)
+        lean.set_timer(0)
+        lean.set_handler(lean.SIGALRM, previous)
 

@@ -1,4 +1,4 @@
-"""Main slots as ZooKeeper locks (kazoo), so mains and standbys on several hosts share them (issue #7).
+"""Main slots as ZooKeeper locks (kazoo), so mains and standbys on several hosts share them.
 
 In ZooKeeper, main slot N of service NAME is a kazoo ``Lock`` at ``ROOT/NAME/slot-N``:
 each contender creates an ephemeral sequential node ``<uuid>__lock__<seq>`` holding
@@ -11,7 +11,7 @@ On this host, standby slots stay local flock (each host keeps its own warm
 standbys), and a process holding ZooKeeper slot N also holds the local flock
 ``LOCKS/N.lock`` for as long as it is main, so local tooling (status, stop,
 restart, reload, which read local locks) sees local mains unchanged. ``status``
-asks ZooKeeper too (``status_slots``), to show slots held by other hosts.
+asks ZooKeeper too (``ZooKeeperEngine.status_slots``), to show slots held by other hosts.
 
 Fencing: a main whose session is SUSPENDED for longer than ``fence_grace``, or
 LOST, or whose lock node vanishes, or that heard nothing from the server for
@@ -20,9 +20,11 @@ SIGKILLs its own process group at once (``Fence``). The fencing token, the lock 
 of a slot (a node created later has a larger zxid); it reaches the program as
 ``$HADCTL_FENCING_TOKEN`` and ``hadctl.fencing_token()``.
 
-Imports kazoo (nowhere else in hadctl does) and, from hadctl, locks.flock and
-layout. The worker imports this module only when ``engine = "zookeeper"``, and
-only after the fork (kazoo starts threads); controllers import it only then too.
+``ZooKeeperEngine`` is this engine's side of the protocol in locks/engine.py.
+Imports kazoo (nowhere else in hadctl does) and, from hadctl, lean, locks.engine,
+locks.flock (and probe, to kill a frozen ex-main's group). Only
+``engine.worker_engine``/``controller_engine`` import it, for ``engine = "zookeeper"``;
+a worker only after the fork (kazoo starts threads).
 """
 from __future__ import annotations
 
@@ -31,10 +33,8 @@ import math
 import os
 import re
 import select
-import signal
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from kazoo.client import KazooClient
 from kazoo.exceptions import CancelledError, KazooException, NoNodeError
@@ -43,22 +43,20 @@ from kazoo.protocol.states import EventType, KazooState
 from kazoo.recipe.lock import Lock
 from kazoo.retry import KazooRetry
 
-from .. import layout as paths
+from .. import lean
 from . import flock
+from .engine import Engine, EngineError, GaveUp
 
-if TYPE_CHECKING:
+if lean.TYPE_CHECKING:
+    from typing import Any, Callable, Iterable
+
     from ..config import ServiceConfig
+    from ..layout import Layout
     from ..model import SlotReport
+    from ..spec import WorkerSpec
+    from .engine import Waits
 
 _CONTENDER = re.compile(r"__lock__(-?\d{10})$")
-
-
-def host_id() -> str:
-    """This host's name in lock nodes: ``$HADCTL_HOST_ID``, else the host name.
-
-    (config.worker_spec computes the same for the worker, without importing kazoo.)
-    """
-    return os.environ.get("HADCTL_HOST_ID") or os.uname().nodename
 
 
 def slot_path(root: str, name: str, slot: int) -> str:
@@ -147,32 +145,50 @@ def _parse_holder(data: bytes) -> tuple[str, int | None]:
     return (host, int(pid)) if pid.isdigit() else (text, None)
 
 
-# ===================================================================== worker
+# ===================================================================== the engine
 
 
-class Slots:
-    """One worker's ZooKeeper session and its contender nodes for main slots."""
+class ZooKeeperEngine(Engine):
+    """Main slots as kazoo locks (see locks/engine.py for the protocol).
 
-    def __init__(self, spec: dict, log: Any) -> None:  # type: ignore[type-arg]
+    A worker's session opens in ``start`` (after the fork: kazoo starts threads)
+    and ends in ``close``; a controller's is opened on first use and shared by
+    every engine of that service in the process (``_view``).
+    """
+
+    def __init__(self, spec: WorkerSpec, layout: Layout, log: Any) -> None:
         self.spec = spec
+        self.layout = layout
         self.log = log
-        self.hosts = spec["zk_hosts"]
-        self.identity = f"{spec['host_id']} {os.getpid()}"
-        self.client = _client(self.hosts, spec["session_timeout"], spec["fence_grace"], log)
+        self.hosts = spec.locks_hosts or ""
+        self.pid = os.getpid()
+        self.identity = f"{spec.host_id} {self.pid}"
+        self.client: KazooClient | None = None
         self.locks: dict[int, Lock] = {}
         self.fence: Fence | None = None
 
-    def connect(self) -> None:
-        """Open the session; raises UnreachableError after ``session_timeout`` seconds."""
-        _connect(self.client, self.hosts, self.spec["session_timeout"])
+    # ------------------------------------------------------------ worker
+
+    def start(self) -> None:
+        """Open the session; EngineError after ``session_timeout`` seconds without a server."""
+        spec = self.spec
+        try:
+            self.client = _client(self.hosts, spec.locks_session_timeout, spec.locks_fence_grace, self.log)
+            _connect(self.client, self.hosts, spec.locks_session_timeout)
+        except UnreachableError as exc:
+            self.client = None
+            raise EngineError(str(exc)) from None
+
+    def _session(self) -> KazooClient:
+        if self.client is None:
+            raise EngineError("no ZooKeeper session (start() was not called)")
+        return self.client
 
     def lock(self, slot: int) -> Lock:
         if slot not in self.locks:
-            lock = Lock(self.client, slot_path(self.spec["zk_root"], self.spec["name"], slot), self.identity)
-            # kazoo's own retry backs off up to 60 s while a server is down: far too
-            # long for a standby that must take over once the ensemble is back.
-            lock._retry = KazooRetry(max_tries=None, delay=0.05, backoff=2, max_jitter=0.2, max_delay=0.5,
-                                     sleep_func=self.client.handler.sleep_func)
+            client = self._session()
+            lock = Lock(client, slot_path(self.spec.locks_root, self.spec.name, slot), self.identity)
+            _retry_quickly(lock, client)
             self.locks[slot] = lock
         return self.locks[slot]
 
@@ -180,28 +196,44 @@ class Slots:
         lock = self.locks[slot]
         return f"{lock.path}/{lock.node}"
 
-    def take_first_free(self, slots: list[int]) -> int | None:
-        """Take the first slot nobody holds or waits for; None when every one is taken."""
-        for slot in slots:
-            if self.lock(slot).acquire(blocking=False):
-                return slot
+    def take_main(self, slots: list[int]) -> tuple[int, int] | None:
+        """Take the first slot nobody holds or waits for, and its local lock."""
+        with _errors(self.hosts):
+            for slot in slots:
+                if self.lock(slot).acquire(blocking=False):
+                    fd = self._take_local_lock(slot)
+                    if fd is None:
+                        self.release_main(slot, -1)
+                        raise EngineError(f"main slot {slot}: its local lock stays held on this host")
+                    return slot, fd
         return None
 
-    def wait(self, worker: Any, slots: list[int], wake: type[BaseException]) -> int | None:
+    def wait_main(self, slots: list[int], waits: Waits) -> tuple[int, int] | None:
         """Queue for every slot at once (one thread per slot blocks in kazoo's
-        ``Lock.acquire``, woken by a watch) and return the first slot won; None
-        when the worker must leave (TERM/INT, the stop file, ``retries`` used up).
+        ``Lock.acquire``, woken by a watch), then take the local lock of the slot won.
 
-        The main thread blocks in select() on a pipe the lock threads write to;
-        our signal handlers break that wait by raising ``wake``, as in worker.py.
+        The main thread blocks in select() on a pipe the lock threads write to,
+        through ``waits.block`` (a leave signal or the stop file breaks it).
         """
+        with _errors(self.hosts):
+            slot = self._wait(slots, waits)
+            if slot is None:
+                return None
+            fd = self._take_local_lock(slot)
+            if fd is None:
+                self.release_main(slot, -1)
+                return None
+            return slot, fd
+
+    def _wait(self, slots: list[int], waits: Waits) -> int | None:
         spec = self.spec
+        client = self._session()
         read_fd, write_fd = os.pipe()
         threads = []
         won: int | None = None
-        limit = None if spec["retries"] is None else spec["interval"] * max(spec["retries"], 1)
+        limit = None if spec.locks_retries is None else spec.locks_interval * max(spec.locks_retries, 1)
         deadline = None if limit is None else time.monotonic() + limit
-        tick = spec["interval"] if worker.watch_fd < 0 else None  # no dnotify: look at the stop file
+        tick = None if waits.watched else spec.locks_interval  # no dnotify: look at the stop file
 
         def contend(slot: int) -> None:
             try:
@@ -226,32 +258,22 @@ class Slots:
                     lock.wake_event.set()
             return False  # stay registered
 
-        self.client.add_listener(reconnected)
+        client.add_listener(reconnected)
         try:
             for slot in slots:
                 thread = threading.Thread(target=contend, args=(slot,), daemon=True, name=f"slot-{slot}")
                 thread.start()
                 threads.append(thread)
             while won is None:
-                if worker.must_leave():
+                if waits.must_leave():
                     return None
                 timeout = tick
                 if deadline is not None:
                     left = deadline - time.monotonic()
                     if left <= 0:
-                        self.log.info(f"standby gives up after {limit:g} s waiting for a main slot (retries)")
-                        return None
+                        raise GaveUp(f"standby gives up after {limit:g} s waiting for a main slot (retries)")
                     timeout = left if timeout is None else min(timeout, left)
-                ready: list[int] = []
-                worker.waiting = True
-                try:
-                    if worker.leaving is None and not worker.folder_changed:
-                        ready = select.select([read_fd], [], [], timeout)[0]
-                except wake:
-                    pass
-                finally:
-                    worker.waiting = False
-                if ready:
+                if waits.block(select.select, [read_fd], [], [], timeout):
                     for word in os.read(read_fd, 4096).split():
                         if int(word) == 0:
                             return None  # already logged by the lock thread
@@ -259,7 +281,7 @@ class Slots:
                             won = int(word)
             return won
         finally:
-            self.client.remove_listener(reconnected)
+            client.remove_listener(reconnected)
             self._cancel_others(threads, keep=won)
             os.close(read_fd)
             os.close(write_fd)
@@ -280,7 +302,7 @@ class Slots:
                         self.log.warn(f"cannot give back main slot {slot} in ZooKeeper: {exc!r}")
                 del self.locks[slot]
 
-    def take_local_lock(self, worker: Any, slot: int) -> int | None:
+    def _take_local_lock(self, slot: int) -> int | None:
         """Take ``LOCKS/slot.lock`` now that ZooKeeper gave us ``slot``; returns its fd.
 
         Only an ex-main of this host that lost its ZooKeeper lock can still hold it:
@@ -288,17 +310,17 @@ class Slots:
         is lost. A frozen one (SIGSTOP) notices nothing, so after fence_grace + 1 s
         it is SIGKILLed with its group, exactly what it would have done itself.
         """
-        path = worker.layout.lock_file("main", slot)
-        fd = flock.try_take(path, worker.pid)
+        path = self.layout.lock_file("main", slot)
+        fd = flock.try_take(path, self.pid)
         if fd is not None:
             return fd
-        grace = self.spec["fence_grace"] + 1.0
+        grace = self.spec.locks_fence_grace + 1.0
         self.log.warn(f"main slot {slot}: ZooKeeper gave it to us, but {path} is still held on this host; "
                       f"waiting {grace:g} s for that ex-main to fence itself")
         fd = flock.take_control(path, grace)
         if fd is None:
             holder = flock.HolderProbe().holder(path, [])
-            if holder is not None and holder != worker.pid:
+            if holder is not None and holder != self.pid:
                 self.log.error(f"main slot {slot}: pid {holder} holds {path} without its ZooKeeper lock "
                                f"after {grace:g} s (frozen?); killing it and its process group (SIGKILL)")
                 _kill_group_of(holder)
@@ -306,36 +328,30 @@ class Slots:
         if fd is None:
             self.log.error(f"main slot {slot}: cannot take {path}; giving the slot back")
             return None
-        flock.note_holder(fd, worker.pid)
+        flock.note_holder(fd, self.pid)
         return fd
 
-    def run_main(self, worker: Any, slot: int, fd: int, function: Any, standby_fd: int = -1,
-                 report_fd: int = -1) -> int:
-        """Arm the fence, hand the program its fencing token, run it as main (worker._run_main),
-        then give the slot back at once (delete the lock node, close the session)."""
-        import hadctl
-
-        self.fence = Fence(self.client, self.node_path(slot), slot, self.spec["fence_grace"],
-                           self.spec["session_timeout"], self.log,
-                           lambda: paths.remove_if_ours(worker.pid_file, worker.pid))
-        token = self.fence.arm()
-        os.environ["HADCTL_FENCING_TOKEN"] = str(token)
-        hadctl._state["fencing_token"] = token
+    def arm(self, slot: int, on_fence: Callable[[], None]) -> int | None:
+        """Fence this main from now on; returns the fencing token (the lock node's czxid)."""
+        with _errors(self.hosts):
+            self.fence = Fence(self._session(), self.node_path(slot), slot, self.spec.locks_fence_grace,
+                               self.spec.locks_session_timeout, self.log, on_fence)
+            token = self.fence.arm()
         self.log.info(f"main #{slot} holds {self.node_path(slot)} (fencing token {token})")
-        try:
-            return int(worker._run_main(slot, fd, function, standby_fd=standby_fd, report_fd=report_fd))
-        finally:
-            self.fence.disarm()
-            self.release(slot)
+        return token
 
-    def release(self, slot: int) -> None:
+    def release_main(self, slot: int, fd: int) -> None:
+        """Disarm the fence, delete our lock node, then free the local lock."""
+        if self.fence is not None:
+            self.fence.disarm()
         lock = self.locks.get(slot)
-        if lock is None or not lock.is_acquired:
-            return
-        try:
-            lock.release()
-        except KazooException as exc:  # the session's end below frees it anyway
-            self.log.warn(f"cannot delete the lock node of main slot {slot}: {exc!r}")
+        if lock is not None and lock.is_acquired:
+            try:
+                lock.release()
+            except KazooException as exc:  # the session's end (close) frees it anyway
+                self.log.warn(f"cannot delete the lock node of main slot {slot}: {exc!r}")
+        if fd >= 0:
+            flock.release(fd)
 
     def close(self) -> None:
         """Close the session: ZooKeeper deletes every node of ours at once."""
@@ -343,29 +359,138 @@ class Slots:
             self.fence.disarm()
         for lock in self.locks.values():
             lock.cancel()
+        if self.client is None:
+            return
         try:
             self.client.stop()
             self.client.close()
         except Exception as exc:  # noqa: BLE001 - leaving anyway; the session expires on its own
             self.log.warn(f"closing the ZooKeeper session: {exc!r}")
 
+    # ------------------------------------------------------------ controller
+
+    def _view(self) -> View:
+        """One controller session per process and service, closed when the process exits.
+
+        Connecting waits at most 3 s (or session_timeout), once: a failure is remembered.
+        """
+        spec = self.spec
+        key = f"{self.hosts}/{spec.locks_root}/{spec.name}"
+        if key in _unreachable:
+            raise _unreachable[key]
+        view = _views.get(key)
+        if view is None:
+            try:
+                view = View(spec, self.log, timeout=min(spec.locks_session_timeout, 3.0))
+            except UnreachableError as exc:
+                _unreachable[key] = exc
+                raise
+            if not _views:
+                import atexit
+
+                atexit.register(_close_views)
+            _views[key] = view
+        return view
+
+    def new_holder(self, slot: int, old_pid: int | None) -> tuple[str, int] | None:
+        """(host, pid) holding ``slot`` when it is another host, else None (restart's hand-over)."""
+        try:
+            found = self._view().holder(slot)
+        except (UnreachableError, KazooException):
+            return None
+        if found is None or found[0] == self.spec.host_id or found[1] is None:
+            return None
+        return found[0], found[1]
+
+    def sees_ready(self, slot: int, pid: int) -> bool:
+        """Only when ``pid`` holds this host's lock of the slot: another host's ready file is not here."""
+        return flock.HolderProbe().holder(self.layout.lock_file("main", slot), [pid]) == pid
+
+    def status_slots(self, reports: list[SlotReport],
+                     is_alive: Callable[[int], bool]) -> tuple[list[SlotReport], str | None]:
+        """``reports`` (read from this host's locks) with main slots as ZooKeeper sees them.
+
+        A main slot held on another host is running there (``host`` names it; its
+        pid is that host's). ``problem`` says why ZooKeeper could not be asked, and
+        then the local reports come back as they were.
+        """
+        from ..model import Role
+        from ..record import replace
+
+        me = self.spec.host_id
+        try:
+            view = self._view()
+        except UnreachableError as exc:
+            return reports, f"{exc}: slots held by other hosts are unknown"
+        try:
+            merged = []
+            for report in reports:
+                if report.role is not Role.MAIN:
+                    merged.append(replace(report, host=me))
+                    continue
+                merged.append(merge(report, view.holder(report.slot), me, is_alive, self.spec.locks_session_timeout))
+            return merged, None
+        except KazooException as exc:
+            return reports, f"cannot read {self.spec.locks_root}/{self.spec.name} in ZooKeeper at {view.hosts}: {exc!r}"
+
+    def after_stop(self, pids: list[int]) -> None:
+        """Delete the ZooKeeper nodes of processes of this host that have just exited.
+
+        A main ended by a signal could not close its session, so its lock node would
+        keep the slot until the session expires (``session_timeout``); deleting it
+        hands the slot over now. Never fails the action: a problem is logged.
+        """
+        if not pids:
+            return
+        try:
+            view = self._view()
+        except UnreachableError as exc:
+            self.log.warn(f"{exc}: the lock nodes of pids {pids} go when their sessions expire")
+            return
+        try:
+            for path in view.delete_nodes_of(self.spec.host_id, set(pids)):
+                self.log.info(f"deleted {path}, left behind by an exited process")
+        except KazooException as exc:
+            self.log.warn(f"cannot delete the lock nodes of pids {pids}: {exc!r}")
+
+
+class _errors:
+    """``with _errors(hosts):`` turns a kazoo failure into EngineError (the worker reports it)."""
+
+    def __init__(self, hosts: str) -> None:
+        self.hosts = hosts
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, _tb: object) -> None:
+        if exc is not None and isinstance(exc, KazooException):
+            raise EngineError(f"ZooKeeper at {self.hosts}: {type(exc).__name__} {exc}") from None
+
+
+def _retry_quickly(lock: Lock, client: KazooClient) -> None:
+    """kazoo's own retry of a lock backs off up to 60 s while a server is down: far
+    too long for a standby that must take over once the ensemble is back. kazoo has
+    no public way to set it; ``Lock._retry`` is what ``Lock.acquire`` copies
+    (tests/test_zookeeper.py fails if that name moves)."""
+    lock._retry = KazooRetry(max_tries=None, delay=0.05, backoff=2, max_jitter=0.2, max_delay=0.5,
+                             sleep_func=client.handler.sleep_func)
+
 
 def _kill_group_of(pid: int) -> None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            pgid = int(handle.read().rsplit(b")", 1)[1].split()[2])
-    except (OSError, ValueError, IndexError):
-        pgid = 0
+    from ..probe import proc_stat
+
+    found = proc_stat(pid)
+    pgid = found.pgid if found is not None else 0
     if pgid > 1 and pgid != os.getpgrp():
         try:
-            os.killpg(pgid, signal.SIGKILL)
+            os.killpg(pgid, lean.SIGKILL)
         except OSError:
             pass
     try:
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, lean.SIGKILL)
     except OSError:
         pass
-
 
 class Fence:
     """Ends a main that may no longer hold its slot, before another host runs it.
@@ -504,62 +629,11 @@ class Fence:
         self.log.error(f"main #{self.slot} fenced: {reason}; SIGKILL to process group {self.pgid}")
         self.forget_pid_file()
         try:
-            os.killpg(self.pgid, signal.SIGKILL)
+            os.killpg(self.pgid, lean.SIGKILL)
         except OSError:
             pass
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), lean.SIGKILL)
 
-
-def run_worker(worker: Any, function: Any, wake: type[BaseException]) -> int:
-    """The ZooKeeper part of a worker's life (worker.py steps 3 to 6), entered after import.
-
-    Connect (after the fork: kazoo starts threads); take a free main slot, else a
-    local standby slot and queue for every main slot; as main, hold the local
-    ``LOCKS/N.lock`` as well, and give both back when the function returns.
-    """
-    spec = worker.spec
-    try:
-        zk = Slots(spec, worker.log)
-        zk.connect()
-    except UnreachableError as exc:
-        worker.log.error(str(exc))
-        worker.report(f"error {worker.pid} {exc}")
-        return 1
-    try:
-        slots = list(range(spec["max_procs"], 0, -1))
-        slot = zk.take_first_free(slots)
-        if slot is not None:
-            fd = zk.take_local_lock(worker, slot)
-            if fd is None:
-                worker.report(f"error {worker.pid} main slot {slot}: its local lock stays held on this host")
-                return 1
-            worker.report_fd, report_fd = -1, worker.report_fd  # report once the pid file is renamed
-            return zk.run_main(worker, slot, fd, function, report_fd=report_fd)
-        standbys = [(s, worker.layout.lock_file("standby", s)) for s in range(spec["standby_max_procs"], 0, -1)]
-        standby = flock.take_first_free(standbys, worker.pid)
-        if standby is None:
-            worker.report(f"noslot {worker.pid}")
-            return 0
-        standby_slot, standby_fd = standby
-        worker._rename_pid_file(worker.layout.pid_file("standby", standby_slot))
-        if worker._stop_file_exists():
-            worker.report(f"stopfile {worker.pid}")
-            flock.release(standby_fd)
-            return 0
-        worker.report(f"standby {standby_slot} {worker.pid}")
-        worker.log.trace(f"standby #{standby_slot} waiting for a main slot in ZooKeeper")
-        slot = zk.wait(worker, slots, wake)
-        fd = zk.take_local_lock(worker, slot) if slot is not None else None
-        if fd is None:
-            flock.release(standby_fd)
-            return 0
-        return zk.run_main(worker, slot, fd, function, standby_fd=standby_fd)  # type: ignore[arg-type]
-    except KazooException as exc:  # the program's own errors never get here (worker._run_main)
-        worker.log.error(f"ZooKeeper at {zk.hosts}: {type(exc).__name__} {exc}")
-        worker.report(f"error {worker.pid} ZooKeeper at {zk.hosts}: {type(exc).__name__} {exc}")
-        return 1
-    finally:
-        zk.close()
 
 
 # ================================================================ controllers
@@ -568,14 +642,14 @@ def run_worker(worker: Any, function: Any, wake: type[BaseException]) -> int:
 class View:
     """A controller's short ZooKeeper session: who holds which main slot."""
 
-    def __init__(self, cfg: "ServiceConfig", log: Any, timeout: float | None = None) -> None:
-        self.cfg = cfg
-        self.hosts = cfg.locks.hosts or ""
-        self.client = _client(self.hosts, cfg.locks.session_timeout, cfg.locks.fence_grace or 0.0, log)
-        _connect(self.client, self.hosts, cfg.locks.session_timeout if timeout is None else timeout)
+    def __init__(self, spec: WorkerSpec, log: Any, timeout: float | None = None) -> None:
+        self.spec = spec
+        self.hosts = spec.locks_hosts or ""
+        self.client = _client(self.hosts, spec.locks_session_timeout, spec.locks_fence_grace, log)
+        _connect(self.client, self.hosts, spec.locks_session_timeout if timeout is None else timeout)
 
     def path(self, slot: int) -> str:
-        return slot_path(self.cfg.locks.root, self.cfg.name, slot)
+        return slot_path(self.spec.locks_root, self.spec.name, slot)
 
     def holder(self, slot: int) -> tuple[str, int | None, int] | None:
         """(host, pid, czxid) of the slot's holder, or None when nobody holds it."""
@@ -598,7 +672,7 @@ class View:
     def delete_nodes_of(self, host: str, pids: set[int]) -> list[str]:
         """Delete every contender node (any slot) whose data names ``host`` and one of ``pids``."""
         deleted = []
-        for slot in range(1, self.cfg.locks.max_procs + 1):
+        for slot in range(1, self.spec.locks_max_procs + 1):
             try:
                 children = self.client.get_children(self.path(slot))
             except NoNodeError:
@@ -619,30 +693,9 @@ class View:
         self.client.close()
 
 
+
 _views: dict[str, View] = {}
 _unreachable: dict[str, UnreachableError] = {}
-
-
-def _view(cfg: "ServiceConfig", log: Any) -> View:
-    """One controller session per process and service, closed when the process exits.
-
-    Connecting waits at most 3 s (or session_timeout), once: a failure is remembered.
-    """
-    if cfg.config_file in _unreachable:
-        raise _unreachable[cfg.config_file]
-    view = _views.get(cfg.config_file)
-    if view is None:
-        try:
-            view = View(cfg, log, timeout=min(cfg.locks.session_timeout, 3.0))
-        except UnreachableError as exc:
-            _unreachable[cfg.config_file] = exc
-            raise
-        if not _views:
-            import atexit
-
-            atexit.register(_close_views)
-        _views[cfg.config_file] = view
-    return view
 
 
 def _close_views() -> None:
@@ -654,38 +707,10 @@ def _close_views() -> None:
     _views.clear()
 
 
-def status_slots(cfg: "ServiceConfig", reports: list["SlotReport"], log: Any,
-                 is_alive: Callable[[int], bool]) -> tuple[list["SlotReport"], str | None]:
-    """``reports`` (read from this host's locks) with main slots as ZooKeeper sees them.
-
-    A main slot held on another host is running there (``host`` names it; its
-    pid is that host's). Returns ``(reports, problem)``; ``problem`` says why
-    ZooKeeper could not be asked, and then the local reports come back as they were.
-    """
-    from ..record import replace
-
-    from ..model import Role
-
-    me = host_id()
-    try:
-        view = _view(cfg, log)
-    except UnreachableError as exc:
-        return reports, f"{exc}: slots held by other hosts are unknown"
-    try:
-        merged = []
-        for report in reports:
-            if report.role is not Role.MAIN:
-                merged.append(replace(report, host=me))
-                continue
-            found = view.holder(report.slot)
-            merged.append(_merge(report, found, me, is_alive, cfg.locks.session_timeout))
-        return merged, None
-    except KazooException as exc:
-        return reports, f"cannot read {cfg.locks.root}/{cfg.name} in ZooKeeper at {view.hosts}: {exc!r}"
-
-
-def _merge(report: "SlotReport", found: tuple[str, int | None, int] | None, me: str,
-           is_alive: Callable[[int], bool], session_timeout: float) -> "SlotReport":
+def merge(report: SlotReport, found: tuple[str, int | None, int] | None, me: str,
+          is_alive: Callable[[int], bool], session_timeout: float) -> SlotReport:
+    """One local main-slot report merged with ``found``, ZooKeeper's (host, pid, czxid)
+    of the slot's holder (None: nobody holds it); ``me`` is this host's id."""
     from ..record import replace
 
     local = report.pid
@@ -712,33 +737,28 @@ def _merge(report: "SlotReport", found: tuple[str, int | None, int] | None, me: 
     return replace(report, pid=pid, host=host, stale=tuple(notes))
 
 
-def release_exited(cfg: "ServiceConfig", pids: list[int], log: Any) -> None:
-    """Delete the ZooKeeper nodes of processes of this host that have just exited.
-
-    A main ended by a signal could not close its session, so its lock node would
-    keep the slot until the session expires (``session_timeout``); deleting it
-    hands the slot over now. Never fails the action: a problem is logged.
-    """
-    if not pids:
-        return
-    try:
-        view = _view(cfg, log)
-    except UnreachableError as exc:
-        log.warn(f"{exc}: the lock nodes of pids {pids} go when their sessions expire")
-        return
-    try:
-        for path in view.delete_nodes_of(host_id(), set(pids)):
-            log.info(f"deleted {path}, left behind by an exited process")
-    except KazooException as exc:
-        log.warn(f"cannot delete the lock nodes of pids {pids}: {exc!r}")
+# ============================================== until actions.py goes through engine.controller_engine
 
 
-def new_holder(cfg: "ServiceConfig", slot: int, old_pid: int | None, log: Any) -> tuple[str, int] | None:
-    """(host, pid) holding ``slot`` when it is another host, else None (restart's hand-over)."""
-    try:
-        found = _view(cfg, log).holder(slot)
-    except (UnreachableError, KazooException):
-        return None
-    if found is None or found[0] == host_id() or found[1] is None:
-        return None
-    return found[0], found[1]
+def _engine(cfg: ServiceConfig, log: Any) -> ZooKeeperEngine:
+    from .engine import controller_engine
+
+    engine = controller_engine(cfg, log)
+    assert isinstance(engine, ZooKeeperEngine)
+    return engine
+
+
+def status_slots(cfg: ServiceConfig, reports: list[SlotReport], log: Any,
+                 is_alive: Callable[[int], bool]) -> tuple[list[SlotReport], str | None]:
+    """Transitional: ``controller_engine(cfg, log).status_slots(reports, is_alive)``."""
+    return _engine(cfg, log).status_slots(reports, is_alive)
+
+
+def release_exited(cfg: ServiceConfig, pids: list[int], log: Any) -> None:
+    """Transitional: ``controller_engine(cfg, log).after_stop(pids)``."""
+    _engine(cfg, log).after_stop(pids)
+
+
+def new_holder(cfg: ServiceConfig, slot: int, old_pid: int | None, log: Any) -> tuple[str, int] | None:
+    """Transitional: ``controller_engine(cfg, log).new_holder(slot, old_pid)``."""
+    return _engine(cfg, log).new_holder(slot, old_pid)

@@ -1,0 +1,99 @@
+"""The config → worker contract: one typed record, and its framing over the spec pipe.
+
+``config.ServiceConfig.worker_spec()`` builds a ``WorkerSpec``; spawn.py frames it
+onto a pipe; the exec'd worker reads it back (``read``). Fields are named like the
+TOML keys they come from (``locks.path`` is ``locks_path``); the few that are not
+TOML keys say where they come from.
+
+Cheap to import in the worker: a ``hadctl.record`` (not dataclasses), framed as a
+marshal'd tuple of the field values (not json). Imports record and lean only.
+"""
+from __future__ import annotations
+
+import marshal
+import os
+
+from .lean import TYPE_CHECKING
+from .record import record
+
+if TYPE_CHECKING:
+    from typing import Any
+
+
+@record
+class WorkerSpec:
+    name: str
+    entrypoint: str
+    pid_dir: str
+    log_file: str
+    standby_stop_file: str
+    locks_path: str
+    locks_standby_path: str
+    args: tuple[Any, ...] = ()
+    python_path: tuple[str, ...] = ()
+    stdout_file: str = ""  # the main's stdout: the TOML key, or log_file when unset
+    stderr_file: str = ""  # the main's stderr: likewise
+    warmup: str | None = None
+    process_name_change: bool = False
+    close_fds_on_start: bool = True
+    reset_close_on_exec_main_lock_fd: bool = False
+    respawn_standby: bool = True
+    start_limit_burst: int = 5
+    start_limit_interval: float = 10.0
+    restart_backoff_max: float = 60.0
+    umask: int | None = None
+    directory: str | None = None
+    env: tuple[tuple[str, str], ...] = ()
+    # user and group, resolved by config (None: unchanged)
+    user: str | None = None
+    uid: int | None = None
+    gid: int | None = None
+    home: str | None = None
+    locks_engine: str = "flock"
+    locks_hosts: str | None = None
+    locks_root: str = "/hadctl"
+    locks_session_timeout: float = 6.0
+    locks_fence_grace: float = 0.0
+    locks_max_procs: int = 1
+    locks_standby_max_procs: int = 1
+    locks_interval: float = 1.0
+    locks_retries: int | None = None
+    # not TOML keys:
+    host_id: str = ""  # lean.host_id() of the controller's host, computed once there
+    spawned_by_main: bool = False  # a main's replacement standby: the crash-loop back-off applies
+    alive_fd: int = -1  # the spawning main's hold on the alive lock, passed on (spawn_from_worker)
+
+
+FIELDS: tuple[str, ...] = getattr(WorkerSpec, "__record_fields__")
+
+
+def frame(spec: WorkerSpec) -> bytes:
+    """The spec as the worker reads it: its length (8 bytes), then the marshal'd field values.
+
+    The worker reads exactly that many bytes rather than up to EOF: a child
+    forked by a main while it spawned a replacement may hold the pipe open.
+    """
+    data = marshal.dumps(tuple(getattr(spec, name) for name in FIELDS))
+    return len(data).to_bytes(8, "little") + data
+
+
+def unframe(data: bytes) -> WorkerSpec:
+    """The spec framed by ``frame`` (without its 8-byte length); ValueError if it is not one."""
+    values = marshal.loads(data)
+    if not isinstance(values, tuple) or len(values) != len(FIELDS):
+        raise ValueError(f"not a worker spec: expected {len(FIELDS)} fields")
+    return WorkerSpec(**dict(zip(FIELDS, values)))
+
+
+def read(fd: int) -> WorkerSpec:
+    """Read one framed spec from ``fd``; raises EOFError if cut short."""
+    def exactly(count: int) -> bytes:
+        data = b""
+        while len(data) < count:
+            chunk = os.read(fd, count - len(data))
+            if not chunk:
+                raise EOFError("the spec pipe closed early")
+            data += chunk
+        return data
+
+    return unframe(exactly(int.from_bytes(exactly(8), "little")))
