@@ -218,10 +218,10 @@ def _wait_for_new_holder(svc: Service, watch: FolderWatch, report: SlotReport, d
             holder = flock.HolderProbe().holder(lock_file, [found.pid])
             if holder == found.pid:
                 return holder
-        if svc.cfg.locks.engine == "zookeeper":
-            remote = _holder_on_another_host(svc, report)
-            if remote is not None:
-                return remote
+        remote = svc.engine.new_holder(report.slot, report.pid)  # another host's standby may take it
+        if remote is not None:
+            svc.log.info(f"main #{report.slot} taken over by pid {remote[1]} on {remote[0]}")
+            return remote[1]
         left = deadline - time.monotonic()
         if left <= 0:
             return None
@@ -230,26 +230,14 @@ def _wait_for_new_holder(svc: Service, watch: FolderWatch, report: SlotReport, d
             watch.names()
 
 
-def _holder_on_another_host(svc: Service, report: SlotReport) -> int | None:
-    """ZooKeeper engine: the pid that took ``report``'s slot on another host, if one did
-    (a standby there may take it before any of this host)."""
-    from .locks import zookeeper
-
-    remote = zookeeper.new_holder(svc.cfg, report.slot, report.pid, svc.log)
-    if remote is None:
-        return None
-    svc.log.info(f"main #{report.slot} taken over by pid {remote[1]} on {remote[0]}")
-    return remote[1]
-
-
 def _wait_for_ready(svc: Service, watch: FolderWatch, slot: int, pid: int, deadline: float) -> bool:
     """True once ``pid``, main of ``slot``, has said it is ready (its ready file); False
     at ``deadline`` or when it has exited. Woken by pid_dir's changes (``watch``)."""
     import select
 
     path = svc.layout.ready_file(slot)
-    if svc.cfg.locks.engine == "zookeeper" and _held_on_another_host(svc, slot, pid):
-        return True  # its ready file is on that host, which this one cannot see
+    if not svc.engine.sees_ready(slot, pid):
+        return True  # its ready file is on another host, which this one cannot see
     while True:
         found = read_pid_file(path)
         if found is not None and found.pid == pid:
@@ -259,11 +247,6 @@ def _wait_for_ready(svc: Service, watch: FolderWatch, slot: int, pid: int, deadl
             return False
         if select.select([watch.fd], [], [], min(left, 0.5))[0]:
             watch.names()
-
-
-def _held_on_another_host(svc: Service, slot: int, pid: int) -> bool:
-    """ZooKeeper engine: ``pid`` does not hold ``slot``'s lock file on this host."""
-    return flock.HolderProbe().holder(svc.layout.lock_file("main", slot), [pid]) != pid
 
 
 def _restart_without_standbys(svc: Service, reports: list[SlotReport]) -> Outcome:
@@ -372,9 +355,7 @@ def status(cfg: ServiceConfig, holder_probe: flock.HolderProbe | None = None) ->
     svc = Service(cfg)
     reports, _stale = svc.slots(holder_probe)
     reports += svc.extra_slots()
-    zk_problem = None
-    if cfg.locks.engine == "zookeeper":
-        reports, zk_problem = _zookeeper_view(svc, reports)
+    reports, problem = svc.engine.status_slots(reports, probe.is_alive)  # other hosts' holders
     for report in reports:
         stale = f" (stale: {'; '.join(report.stale)})" if report.stale else ""
         if report.running:
@@ -388,18 +369,10 @@ def status(cfg: ServiceConfig, holder_probe: flock.HolderProbe | None = None) ->
         delay = _second_line(svc.layout.backoff_file)
         svc.steps.append(Step(f"crash loop: standby pid {found.pid} is backing off {delay} s", "Back-off", False))
         detail["backoff"] = {"pid": found.pid, "delay": float(delay) if delay else None}
-    if zk_problem is not None:  # who holds the main slots is unknown: LSB status 4
-        svc.steps.append(Step(zk_problem, "Unknown", False))
+    if problem is not None:  # who holds the main slots is unknown: LSB status 4
+        svc.steps.append(Step(problem, "Unknown", False))
         return svc.outcome("status", 4, reports, **detail)
     return svc.outcome("status", status_code(reports), reports, **detail)
-
-
-def _zookeeper_view(svc: Service, reports: list[SlotReport]) -> tuple[list[SlotReport], str | None]:
-    """ZooKeeper engine: ``reports`` with the main slots as ZooKeeper sees them (held on
-    other hosts too), and what went wrong when it cannot be asked."""
-    from .locks import zookeeper
-
-    return zookeeper.status_slots(svc.cfg, reports, svc.log, probe.is_alive)
 
 
 def _second_line(path: str) -> str:
@@ -423,7 +396,7 @@ def foreground(cfg: ServiceConfig) -> int:
     """Run the entrypoint in this process: no fork, no locks. Returns its exit status."""
     import sys
 
-    from .entrypoint import EntrypointError, exit_status, resolve
+    from .entrypoint import EntrypointError, call, resolve
     from .errors import NotInstalledError
 
     sys.path[:0] = list(cfg.python_path)
@@ -437,12 +410,6 @@ def foreground(cfg: ServiceConfig) -> int:
     except EntrypointError as exc:
         raise NotInstalledError(f"cannot run {cfg.entrypoint}: {exc}") from exc
     try:
-        code = value(*cfg.args)
-    except SystemExit as exc:
-        code = exc.code
-    except Exception:  # noqa: BLE001 - the service's own failure, as a main reports it
-        import traceback
-
-        traceback.print_exc()
-        return 1
-    return exit_status(code)
+        return call(value, cfg.args)
+    except KeyboardInterrupt:  # Ctrl-C in a terminal: the shell's convention, no traceback
+        return 130

@@ -612,7 +612,7 @@ def _read_toml(path: str) -> dict[str, Any]:
 
     try:
         # O_NONBLOCK: a FIFO given as the file must not block us; only a regular file is
-        # read, and never more than the limit (/dev/zero has no end) (issue #6).
+        # read, and never more than the limit (/dev/zero has no end).
         with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as handle:
             info = os.fstat(handle.fileno())
             if stat.S_ISDIR(info.st_mode):
@@ -734,7 +734,7 @@ def load(path: str) -> ServiceConfig:
                              else os.path.join(pid_dir, "lock-standby"))
     if locks.get("engine") == "zookeeper" and "hosts" not in locks:
         raise ConfigError(f'{path}: key "locks.hosts": required when engine is "zookeeper"')
-    if locks.get("engine") == "zookeeper":  # issue #7: say so now rather than in every spawned process
+    if locks.get("engine") == "zookeeper":  # say so now rather than in every spawned process
         import importlib.util
 
         if importlib.util.find_spec("kazoo") is None:
@@ -743,7 +743,7 @@ def load(path: str) -> ServiceConfig:
     if "fence_grace" not in locks:
         locks["fence_grace"] = locks.get("session_timeout", 6.0) / 4
     if locks.get("engine") == "zookeeper" and locks["fence_grace"] >= locks.get("session_timeout", 6.0):
-        # issue #7: a main must be fenced before ZooKeeper can give its slot away
+        # a main must be fenced before ZooKeeper can give its slot away
         raise ConfigError(f'{path}: key "locks.fence_grace": must be less than locks.session_timeout '
                           f'({locks.get("session_timeout", 6.0):g} s), got {locks["fence_grace"]:g}')
     if locks["path"] == locks["standby_path"]:

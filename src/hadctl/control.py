@@ -24,6 +24,9 @@ from .locks import flock
 from .log import Log, follows_last_link, open_append
 from .model import Outcome, SlotReport, Step
 
+if lean.TYPE_CHECKING:
+    from .locks.engine import Engine
+
 SPAWN_TIMEOUT = 30.0
 CONTROL_TIMEOUT = 60.0
 
@@ -36,6 +39,17 @@ class Service:
         self.layout = Layout(cfg.pid_dir, cfg.locks.path, cfg.locks.standby_path, cfg.standby_stop_file)
         self.log = Log(cfg.log_file)
         self.steps: list[Step] = []
+        self._engine: Engine | None = None
+
+    @property
+    def engine(self) -> Engine:
+        """The lock engine's controller side, made once per action (for ZooKeeper, one
+        session for every question the action asks; for flock, nothing to open)."""
+        if self._engine is None:
+            from .locks.engine import controller_engine
+
+            self._engine = controller_engine(self.cfg, self.log)
+        return self._engine
 
     def say(self, what: str, result: str, ok: bool = True) -> None:
         """One output line (``NAME : what [result]``), also written to the log."""

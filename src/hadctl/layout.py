@@ -27,10 +27,6 @@ class Layout:
         self.standby_lock_path = standby_lock_path
         self.standby_stop_file = standby_stop_file
 
-    @classmethod
-    def from_spec(cls, spec: dict) -> "Layout":  # type: ignore[type-arg]
-        return cls(spec["pid_dir"], spec["lock_path"], spec["standby_lock_path"], spec["standby_stop_file"])
-
     def pid_file(self, role: str, slot: int) -> str:
         """``role`` is "main" or "standby"."""
         return os.path.join(self.pid_dir, f"{role}-{slot}.pid")

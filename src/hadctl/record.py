@@ -7,11 +7,12 @@ budget over a bare interpreter. A record needs only ``__init__`` (made with
 one exec), ``__repr__``, ``__eq__`` and ``__hash__``, and refuses assignment.
 
 Type checkers see it as a frozen dataclass (PEP 681 ``dataclass_transform``).
-Leaf module: imports nothing from hadctl.
+Leaf module: imports only lean (itself a leaf) from hadctl.
 """
 from __future__ import annotations
 
-TYPE_CHECKING = False  # not typing's: importing typing costs a fast command milliseconds
+from .lean import TYPE_CHECKING
+
 if TYPE_CHECKING:
     from typing import Any, TypeVar, dataclass_transform
 

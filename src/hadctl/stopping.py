@@ -85,19 +85,11 @@ def end(svc: Service, found: Targets, role: Role) -> list[SlotReport]:
     for path in stop_files:
         remove(path)
     survivors = {t.pid for t in alive}
-    if cfg.locks.engine == "zookeeper":
-        _free_zookeeper_nodes(svc, [t.pid for _r, t in found if t.pid not in survivors])
+    # a main ended by a signal could not free its slot in a remote engine: free it now
+    svc.engine.after_stop([t.pid for _r, t in found if t.pid not in survivors])
     for _r, target in found:
         target.close()
     return [r for r, t in found if t.pid in survivors]
-
-
-def _free_zookeeper_nodes(svc: Service, pids: list[int]) -> None:
-    """ZooKeeper engine: free the lock nodes of mains that have just exited now, not
-    at their session's expiry (a main ended by a signal could not close it)."""
-    from .locks import zookeeper
-
-    zookeeper.release_exited(svc.cfg, pids, svc.log)
 
 
 def _still_alive(found: list[probe.Target], deadline: float, group: bool) -> list[probe.Target]:

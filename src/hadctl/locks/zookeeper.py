@@ -735,30 +735,3 @@ def merge(report: SlotReport, found: tuple[str, int | None, int] | None, me: str
         notes.append(f"pid {local} of this host still holds its lock, but ZooKeeper gives the slot to {host}: "
                      "it is being fenced")
     return replace(report, pid=pid, host=host, stale=tuple(notes))
-
-
-# ============================================== until actions.py goes through engine.controller_engine
-
-
-def _engine(cfg: ServiceConfig, log: Any) -> ZooKeeperEngine:
-    from .engine import controller_engine
-
-    engine = controller_engine(cfg, log)
-    assert isinstance(engine, ZooKeeperEngine)
-    return engine
-
-
-def status_slots(cfg: ServiceConfig, reports: list[SlotReport], log: Any,
-                 is_alive: Callable[[int], bool]) -> tuple[list[SlotReport], str | None]:
-    """Transitional: ``controller_engine(cfg, log).status_slots(reports, is_alive)``."""
-    return _engine(cfg, log).status_slots(reports, is_alive)
-
-
-def release_exited(cfg: ServiceConfig, pids: list[int], log: Any) -> None:
-    """Transitional: ``controller_engine(cfg, log).after_stop(pids)``."""
-    _engine(cfg, log).after_stop(pids)
-
-
-def new_holder(cfg: ServiceConfig, slot: int, old_pid: int | None, log: Any) -> tuple[str, int] | None:
-    """Transitional: ``controller_engine(cfg, log).new_holder(slot, old_pid)``."""
-    return _engine(cfg, log).new_holder(slot, old_pid)
