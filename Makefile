@@ -40,7 +40,7 @@ PYENV_VERSIONS ?= /root/.pyenv/versions
 PYTHONS ?= $(sort $(wildcard $(PYENV_VERSIONS)/3.1[0-9]*))
 TESTS ?= tests
 
-test-pythons: system-deps
+test-pythons: install system-deps
 	@test -n "$(PYTHONS)" || { echo "no Python 3.10+ under $(PYENV_VERSIONS)"; exit 1; }
 	@failed=0; for dir in $(PYTHONS); do \
 	  version=$$(basename $$dir | cut -d. -f1,2); venv=.venv-$$version; \

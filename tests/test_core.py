@@ -99,8 +99,21 @@ def _world_readable_install(folder: Path) -> list[str]:
     shutil.copytree(ROOT / "tests" / "services", folder / "code" / "tests" / "services")
     (folder / "code" / "tests" / "__init__.py").write_text("")
     subprocess.run(["chmod", "-R", "a+rX", str(folder)], check=True)
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(folder / "code"), *site.getsitepackages()])
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(folder / "code"), *_debian_site_packages(site.getsitepackages())])
     return [str(folder / "venv" / "bin" / "python"), "-m", "hadctl"]
+
+
+def _debian_site_packages(running: list[str]) -> list[str]:
+    """Compiled dependencies (setproctitle) built for /usr/bin/python3's version: the
+    running interpreter's when it is that version, else those of the project's .venv
+    (made from /usr/bin/python3 by `make install`), as under `make test-pythons`."""
+    version = subprocess.run(["/usr/bin/python3", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    if "%d.%d" % sys.version_info[:2] == version:
+        return running
+    found = sorted(str(p) for p in (ROOT / ".venv" / "lib").glob(f"python{version}/site-packages"))
+    assert found, f"no .venv for /usr/bin/python3 ({version}) under {ROOT}: run `make install` first"
+    return found
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root (CI runs as root)")
@@ -108,7 +121,7 @@ def test_runs_as_configured_user_with_umask_directory_env_and_titles(service, mo
     shared = Path(tempfile.mkdtemp(prefix="hadctl-user-"))
     try:
         command = _world_readable_install(shared)
-        monkeypatch.setattr("conftest.HADCTL", command)
+        monkeypatch.setattr("conftest.Service.command", command)
         workdir = shared / "work"
         workdir.mkdir()
         report = shared / "report"
