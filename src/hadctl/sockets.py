@@ -40,7 +40,7 @@ from .lean import TYPE_CHECKING
 if TYPE_CHECKING:
     from .config import ListenAddress, ServiceConfig
     from .control import Service
-    from .model import SlotReport
+    from .model import SlotReport, Step
 
 FIRST_FD = 3  # systemd's SD_LISTEN_FDS_START: the first listening socket's fd in a worker
 SYS_PIDFD_GETFD = 438  # the same number on every architecture (asm-generic/unistd.h)
@@ -95,11 +95,13 @@ def _from_systemd(listen: tuple[ListenAddress, ...]) -> list[socket.socket | Non
         count = int(os.environ.get("LISTEN_FDS", "0"))
     except ValueError:
         return found
-    names = os.environ.get("LISTEN_FDNAMES", "").split(":")
-    by_name = {name: FIRST_FD + i for i, name in enumerate(names[:count]) if name}
+    names = os.environ.get("LISTEN_FDNAMES", "").split(":")[:count]
+    # by name when each of ours is there once (a socket unit per name); else by position
+    # (one unit: every fd carries the unit's name)
+    by_name = all(names.count(a.name) == 1 for a in listen)
     for i, address in enumerate(listen):
-        fd = by_name.get(address.name, FIRST_FD + i if i < count and not by_name else -1)
-        if fd < 0:
+        fd = FIRST_FD + (names.index(address.name) if by_name else i)
+        if fd >= FIRST_FD + count:
             continue
         try:
             sock = socket.socket(fileno=fd)
@@ -412,3 +414,20 @@ def listening(cfg: ServiceConfig, reports: list[SlotReport]) -> list[dict[str, o
                       "inodes": sorted(i for i in inodes if any(i in mine for mine in held.values())),
                       "pids": holders})
     return found
+
+
+def status(cfg: ServiceConfig, reports: list[SlotReport]) -> tuple[list[Step], list[dict[str, object]]]:
+    """``status``'s lines and JSON for the sockets: one per address, with who holds it."""
+    from .model import Step
+
+    found = listening(cfg, reports)
+    steps = []
+    for item in found:
+        what = f"{item['name']} {item['address']}"
+        pids = item["pids"]
+        if isinstance(pids, list) and pids:
+            inodes = ", ".join(f"socket:[{i}]" for i in item["inodes"])  # type: ignore[attr-defined]
+            steps.append(Step(f"{what} ({inodes}) held by pid {', '.join(map(str, pids))}", "Listening"))
+        else:
+            steps.append(Step(what, "Not Listening", False))
+    return steps, found
