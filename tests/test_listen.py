@@ -184,7 +184,7 @@ def test_each_worker_is_told_its_sockets_the_systemd_way(service, tmp_path):
     assert facts == {"LISTEN_FDS": "2", "LISTEN_PID": facts["pid"], "LISTEN_FDNAMES": "listen:api",
                      "names": "listen,api", "pid": str(svc.pid_of("main"))}
     text = svc.run("status", check=True).stdout
-    assert f"listen 127.0.0.1:" in text and f"api unix:{tmp_path}/api.sock" in text, text
+    assert "listen 127.0.0.1:" in text and f"api unix:{tmp_path}/api.sock" in text, text
     listed = svc.status()["listen"]
     assert [item["pids"] for item in listed] == [sorted([svc.pid_of("main"), svc.pid_of("standby")])] * 2
     svc.run("stop", check=True)
