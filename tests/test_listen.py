@@ -328,3 +328,25 @@ def _port_is_free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("runuser"), reason="becoming nobody needs root and runuser")
+def test_permission_denied_binding_is_refused_with_4(no_leftovers):
+    port = next(p for p in range(900, 1000) if _port_is_free(p))
+    folder = Path(tempfile.mkdtemp(prefix="hadctl-listen-"))
+    try:
+        folder.chmod(0o777)
+        config = folder / "svc.toml"
+        root = Path(__file__).resolve().parent.parent
+        config.write_text(f'name = "svc"\nentrypoint = "{HTTP}"\npython_path = ["{root}"]\n'
+                          f'pid_dir = "{folder / "run"}"\nlog_file = "{folder / "hadctl.log"}"\n'
+                          f'listen = ["127.0.0.1:{port}"]\n')
+        config.chmod(0o644)
+        result = subprocess.run(["runuser", "-u", "nobody", "--", *HADCTL, "-c", str(config), "start"],
+                                capture_output=True, text=True, timeout=60, cwd="/")
+        assert result.returncode == 4, result
+        assert f"cannot listen on 127.0.0.1:{port}: Permission denied" in result.stderr
+        assert "Traceback" not in result.stderr
+        assert not [p for p in (folder / "run").iterdir() if p.name.endswith(".pid")]
+    finally:
+        shutil.rmtree(folder)
