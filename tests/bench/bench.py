@@ -873,7 +873,7 @@ class Bench:
             svc = self.service(f"wrk_{variant}", **settings)
             svc.must("start")
             url = f"http://127.0.0.1:{port}/"
-            wait_until(lambda: _http_ok(port), 10, f"{variant}: an answer on {url}")
+            wait_until(lambda port=port: _http_ok(port), 10, f"{variant}: an answer on {url}")
             calm = _wrk(wrk, url, 3.0 if self.quick else 5.0)
 
             def fail_over(svc: Service = svc) -> None:
@@ -882,7 +882,7 @@ class Bench:
                     if main is None:
                         raise BenchError(f"{svc.name}: no main to kill")
                     os.kill(main, signal.SIGKILL)
-                    wait_until(lambda: svc.pid("main") not in (None, main), 10, "a promoted main")
+                    wait_until(lambda main=main: svc.pid("main") not in (None, main), 10, "a promoted main")
                     wait_until(lambda: svc.pid("standby") not in (None, svc.pid("main")), 10, "a new standby")
                     time.sleep(1.0)  # one kill a second, as in the issue
 
