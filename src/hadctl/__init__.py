@@ -1,8 +1,9 @@
 """hadctl: keep a Python service highly available with hot standbys and no supervisor.
 
 This package's top level is the small API for code that runs under hadctl.
-It imports nothing, so a standby stays small; everything is a no-op (or None)
-when the code runs outside hadctl (for example under ``hadctl foreground``).
+It imports only hadctl.lean (and socket inside ``listen_sockets``), so a standby
+stays small; everything is a no-op (or None, or {}) when the code runs outside
+hadctl (for example under ``hadctl foreground``).
 """
 from __future__ import annotations
 

@@ -159,6 +159,10 @@ def restart(cfg: ServiceConfig) -> Outcome:
             remove(cfg.standby_stop_file)
             return _start_locked(svc, "restart")
         clean_stale(svc, stale)
+        if cfg.listen:  # a new address that cannot be bound refuses the restart before anything stops
+            from . import sockets
+
+            sockets.for_workers(svc)
         if stopping.clear_standbys(svc, reports):
             return svc.outcome("restart", 1, svc.slots()[0])
         if cfg.locks.standby_max_procs == 0:

@@ -130,9 +130,14 @@ def _from_workers(wanted: list[tuple[int, ListenAddress]], pids: list[int]) -> d
         try:
             for fd in _socket_fds(pid):
                 try:
-                    sock = socket.socket(fileno=_pidfd_getfd(pidfd, fd))
+                    got = _pidfd_getfd(pidfd, fd)
                 except OSError:
                     break  # gone, or not ours to take: another worker may do
+                try:
+                    sock = socket.socket(fileno=got)
+                except OSError:  # no longer a socket: the fd was reused meanwhile
+                    os.close(got)
+                    break
                 index = next((i for i, name in expected.items() if i not in found and _is_listening_on(sock, name)),
                              None)
                 if index is None:
