@@ -350,3 +350,20 @@ def test_permission_denied_binding_is_refused_with_4(no_leftovers):
         assert not [p for p in (folder / "run").iterdir() if p.name.endswith(".pid")]
     finally:
         shutil.rmtree(folder)
+
+
+def test_restart_onto_an_address_in_use_is_refused_before_anything_stops(service):
+    port = _free_port()
+    svc = service(entrypoint=HTTP, listen=[f"127.0.0.1:{port}"])
+    svc.run("start", check=True)
+    before = (svc.pid_of("main"), svc.pid_of("standby"))
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        svc.write(**{**svc.settings, "listen": [f"127.0.0.1:{port}", f"127.0.0.1:{taken}"]})
+        result = svc.run("restart", check=1)
+    assert f"cannot listen on 127.0.0.1:{taken}: address already in use by pid {os.getpid()}" in result.stderr
+    assert (svc.pid_of("main"), svc.pid_of("standby")) == before
+    assert _get(("127.0.0.1", port)) == before[0]
+    svc.run("stop", check=True)
