@@ -7,8 +7,8 @@ made and checked before the first fork (``prepare``): bad input leaves state as
 it was. Files hadctl touches in pid_dir, which the service's user may write, are
 opened never through a symlink and never blocking (``touch``).
 
-Imports config, errors, layout, locks.flock, log, model, probe, slots and spawn;
-never click or rich.
+Imports config, errors, layout, locks.flock, log, model, probe, slots and spawn
+(and sockets, only when ``listen`` is set); never click or rich.
 """
 from __future__ import annotations
 
