@@ -1,15 +1,21 @@
 """hadctl: keep a Python service highly available with hot standbys and no supervisor.
 
 This package's top level is the small API for code that runs under hadctl.
-It imports nothing, so a standby stays small; everything is a no-op (or None)
-when the code runs outside hadctl (for example under ``hadctl foreground``).
+It imports only hadctl.lean (and socket inside ``listen_sockets``), so a standby
+stays small; everything is a no-op (or None, or {}) when the code runs outside
+hadctl (for example under ``hadctl foreground``).
 """
 from __future__ import annotations
 
 import os
 
+from .lean import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import socket
+
 __version__ = "0.1.0"
-__all__ = ["ready", "slot", "warmup_result", "fencing_token", "lock_fd"]
+__all__ = ["fencing_token", "listen_sockets", "lock_fd", "ready", "slot", "warmup_result"]
 
 # Filled in by hadctl.worker when this process becomes main.
 _state: dict[str, object] = {}
@@ -48,3 +54,25 @@ def lock_fd() -> int | None:
     """The fd holding the main slot's lock (also in ``$HADC_lock_fd``), or None."""
     value = _state.get("lock_fd")
     return value if isinstance(value, int) else None
+
+
+def listen_sockets() -> dict[str, socket.socket]:
+    """The listening sockets of ``listen``, by name, in config order (``list(...values())``
+    for the order): socket objects on the fds 3, 4, ... this process holds
+    (``LISTEN_FDS``, ``LISTEN_PID``, ``LISTEN_FDNAMES``; so also under systemd socket
+    activation). {} when there are none. Each call returns the same objects. Accept
+    on them only in the entrypoint; never close them expecting the port to be freed:
+    every other worker of the service holds them too."""
+    cached = _state.get("listen_sockets")
+    if isinstance(cached, dict):
+        return dict(cached)
+    import socket
+
+    found: dict[str, socket.socket] = {}
+    if os.environ.get("LISTEN_PID") == str(os.getpid()):
+        names = os.environ.get("LISTEN_FDNAMES", "").split(":")
+        for index in range(int(os.environ.get("LISTEN_FDS", "0") or 0)):
+            name = names[index] if index < len(names) and names[index] else f"listen{index or ''}"
+            found[name] = socket.socket(fileno=3 + index)
+    _state["listen_sockets"] = found
+    return dict(found)

@@ -159,6 +159,10 @@ def restart(cfg: ServiceConfig) -> Outcome:
             remove(cfg.standby_stop_file)
             return _start_locked(svc, "restart")
         clean_stale(svc, stale)
+        if cfg.listen:  # a new address that cannot be bound refuses the restart before anything stops
+            from . import sockets
+
+            sockets.for_workers(svc)
         if stopping.clear_standbys(svc, reports):
             return svc.outcome("restart", 1, svc.slots()[0])
         if cfg.locks.standby_max_procs == 0:
@@ -369,6 +373,11 @@ def status(cfg: ServiceConfig, holder_probe: flock.HolderProbe | None = None) ->
         delay = _second_line(svc.layout.backoff_file)
         svc.steps.append(Step(f"crash loop: standby pid {found.pid} is backing off {delay} s", "Back-off", False))
         detail["backoff"] = {"pid": found.pid, "delay": float(delay) if delay else None}
+    if cfg.listen:
+        from . import sockets
+
+        steps, detail["listen"] = sockets.status(cfg, reports)
+        svc.steps.extend(steps)
     if problem is not None:  # who holds the main slots is unknown: LSB status 4
         svc.steps.append(Step(problem, "Unknown", False))
         return svc.outcome("status", 4, reports, **detail)

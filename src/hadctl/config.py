@@ -202,6 +202,7 @@ class ServiceConfig:
             locks_standby_max_procs=locks.standby_max_procs,
             locks_interval=locks.interval,
             locks_retries=locks.retries,
+            listen_names=tuple(a.name for a in self.listen),
             host_id=host_id(),
         )
 

@@ -7,8 +7,8 @@ made and checked before the first fork (``prepare``): bad input leaves state as
 it was. Files hadctl touches in pid_dir, which the service's user may write, are
 opened never through a symlink and never blocking (``touch``).
 
-Imports config, errors, layout, locks.flock, log, model, probe, slots and spawn;
-never click or rich.
+Imports config, errors, layout, locks.flock, log, model, probe, slots and spawn
+(and sockets, only when ``listen`` is set); never click or rich.
 """
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ from .log import Log, follows_last_link, open_append
 from .model import Outcome, SlotReport, Step
 
 if lean.TYPE_CHECKING:
+    from socket import socket
+
     from .locks.engine import Engine
 
 SPAWN_TIMEOUT = 30.0
@@ -40,6 +42,7 @@ class Service:
         self.log = Log(cfg.log_file)
         self.steps: list[Step] = []
         self._engine: Engine | None = None
+        self.listen_sockets: list[socket] | None = None  # sockets.for_workers: given to every worker spawned
 
     @property
     def engine(self) -> Engine:
@@ -292,7 +295,12 @@ def fill(svc: Service, reports: list[SlotReport]) -> int:
 def _spawn(svc: Service, count: int) -> list[spawn.Report]:
     spec = svc.cfg.worker_spec()
     env = spawn.worker_environment(spec)
-    started = [spawn.spawn(spec, env) for _ in range(count)]
+    listen_fds: tuple[int, ...] = ()
+    if svc.cfg.listen:  # every socket in hand before the first fork
+        from . import sockets
+
+        listen_fds = sockets.for_workers(svc)
+    started = [spawn.spawn(spec, env, listen_fds) for _ in range(count)]
     timeout = SPAWN_TIMEOUT + (svc.cfg.ready_timeout or 0)
     return spawn.collect(started, timeout)
 

@@ -348,4 +348,44 @@ def systemd_units(cfg: ServiceConfig, hadctl: str) -> str:
         f"Unit={fork_service}",
         "",
     ]
-    return "\n".join(head + main + fork + timer_unit)
+    return "\n".join(head + main + fork + timer_unit + _socket_unit(cfg, service, described))
+
+
+def _socket_unit(cfg: ServiceConfig, service: str, described: str) -> list[str]:
+    """``NAME.socket`` when ``listen`` is set: systemd binds the addresses (in config
+    order) and hands them to ``hadctl start``, which passes them on to the workers
+    (socket activation, sockets.py). [] without ``listen``."""
+    if not cfg.listen:
+        return []
+    lines = [
+        f"# ---- {service.removesuffix('.service')}.socket ----",
+        "[Unit]",
+        f"Description={described} (listening sockets, handed to hadctl start)",
+        "",
+        "[Socket]",
+    ]
+    for address in cfg.listen:
+        if address.kind == "unix":
+            lines.append(f"ListenStream={_unit_value(address.path)}")
+        elif address.kind == "inet6":
+            lines.append(f"ListenStream=[{address.host}]:{address.port}")
+        else:
+            lines.append(f"ListenStream={address.host or '0.0.0.0'}:{address.port}")
+    if cfg.listen_backlog is not None:
+        lines.append(f"Backlog={cfg.listen_backlog}")
+    if any(a.kind == "unix" for a in cfg.listen):
+        lines.append(f"SocketMode={cfg.listen_mode:04o}")
+        if cfg.identity.user is not None:
+            lines.append(f"SocketUser={_unit_value(cfg.identity.user)}")
+        if cfg.group is not None:
+            lines.append(f"SocketGroup={_unit_value(cfg.group)}")
+    lines += [
+        "# hadctl's workers hold the sockets among themselves; this unit only binds them",
+        "# (as root, before privileges drop) and starts the service on the first connection.",
+        f"Service={service}",
+        "",
+        "[Install]",
+        "WantedBy=sockets.target",
+        "",
+    ]
+    return lines

@@ -5,7 +5,7 @@ The recipe, in the order it runs (APUE §13.3, "Coding Rules" for daemons):
   parent:      _fork_and_read_report   fork; feed the spec; reap the child
   child:       _become_session_leader, _fork_again_and_leave
   grandchild:  _stdio_to_log, _drop_privileges, _set_umask, _chdir,
-               _reset_signals, _close_fds, _exec_worker
+               _reset_signals, _listen_fds_at_3, _close_fds, _exec_worker
 
 The grandchild execs a fresh interpreter (the worker), so a standby carries
 none of the controller's memory (click, rich, tomllib). The spec goes to it as
@@ -40,6 +40,7 @@ HADCTL_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BOOT = (f"import sys; sys.path.insert(0, {HADCTL_DIR!r}); "
         "from hadctl.worker import main; main()")
 _ALIVE_FD = 4  # where a standby spawned by a main finds the main's alive lock fd
+_LISTEN_VARIABLES = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")  # ours, if systemd started us: not theirs
 _RESET_SIGNALS = ("HUP", "INT", "QUIT", "TERM", "USR1", "USR2", "PIPE", "CHLD", "TTIN", "TTOU", "TSTP")
 
 
@@ -121,7 +122,7 @@ class Spawned:
 
 def worker_environment(spec: WorkerSpec) -> dict[str, str]:
     """The environment the worker starts with: ours, plus ``env``, HOME and USER."""
-    env = {k: v for k, v in os.environ.items() if k != "HADC_lock_fd"}
+    env = {k: v for k, v in os.environ.items() if k != "HADC_lock_fd" and k not in _LISTEN_VARIABLES}
     env.update(spec.env)
     if spec.user is not None:
         env["USER"] = env["LOGNAME"] = spec.user
@@ -130,9 +131,10 @@ def worker_environment(spec: WorkerSpec) -> dict[str, str]:
     return env
 
 
-def spawn(spec: WorkerSpec, env: dict[str, str]) -> Spawned:
-    """Start one detached worker for ``spec`` (ServiceConfig.worker_spec())."""
-    return _fork_and_read_report(spec, env)
+def spawn(spec: WorkerSpec, env: dict[str, str], listen_fds: tuple[int, ...] = ()) -> Spawned:
+    """Start one detached worker for ``spec`` (ServiceConfig.worker_spec()); it holds
+    ``listen_fds`` (sockets.for_workers) at fds 3, 4, ..."""
+    return _fork_and_read_report(spec, env, listen_fds)
 
 
 def collect(spawned: list[Spawned], timeout: float) -> list[Report]:
@@ -164,7 +166,7 @@ def collect(spawned: list[Spawned], timeout: float) -> list[Report]:
 # ---------------------------------------------------------------- parent
 
 
-def _fork_and_read_report(spec: WorkerSpec, env: dict[str, str]) -> Spawned:
+def _fork_and_read_report(spec: WorkerSpec, env: dict[str, str], listen_fds: tuple[int, ...] = ()) -> Spawned:
     """Fork the child, hand the spec to the future worker through a pipe, reap the child.
 
     The spec travels as spec.frame makes it (marshal: no import cost for the worker). The child
@@ -181,7 +183,7 @@ def _fork_and_read_report(spec: WorkerSpec, env: dict[str, str]) -> Spawned:
             os.close(fd)
         raise ActionFailedError(f"cannot fork: {exc.strerror}") from exc
     if pid == 0:
-        _run_child(spec, env, report_write, spec_read, (report_read, spec_write))
+        _run_child(spec, env, report_write, spec_read, (report_read, spec_write), listen_fds)
     os.close(report_write)
     os.close(spec_read)
     try:
@@ -199,14 +201,14 @@ def _fork_and_read_report(spec: WorkerSpec, env: dict[str, str]) -> Spawned:
 
 
 def _run_child(spec: WorkerSpec, env: dict[str, str], report_fd: int, spec_fd: int,
-               parent_fds: tuple[int, int]) -> None:
+               parent_fds: tuple[int, int], listen_fds: tuple[int, ...] = ()) -> None:
     """Body of the forked child: never returns, always ends in os._exit()."""
     try:
         for fd in parent_fds:
             os.close(fd)
         _become_session_leader()
         _fork_again_and_leave()
-        _run_grandchild(spec, env, report_fd, spec_fd)
+        _run_grandchild(spec, env, report_fd, spec_fd, listen_fds)
     except BaseException as exc:  # noqa: BLE001 - a forked child reports everything
         write_report(report_fd, ERROR, os.getpid(), message=_describe(exc))
     finally:
@@ -236,13 +238,15 @@ def _fork_again_and_leave() -> None:
 # ---------------------------------------------------------------- grandchild
 
 
-def _run_grandchild(spec: WorkerSpec, env: dict[str, str], report_fd: int, spec_fd: int) -> None:
+def _run_grandchild(spec: WorkerSpec, env: dict[str, str], report_fd: int, spec_fd: int,
+                    listen_fds: tuple[int, ...] = ()) -> None:
     _stdio_to_log(spec.log_file)
     _drop_privileges(spec.uid, spec.gid, spec.user)
     _set_umask(spec.umask)
     _chdir(spec.directory)
     _reset_signals()
-    _close_fds(spec.close_fds_on_start, keep=(report_fd, spec_fd))
+    report_fd, spec_fd = _listen_fds_at_3(listen_fds, (report_fd, spec_fd))
+    _close_fds(spec.close_fds_on_start, keep=(report_fd, spec_fd, *range(3, 3 + len(listen_fds))))
     _exec_worker(env, report_fd, spec_fd)
 
 
@@ -302,8 +306,25 @@ def _reset_signals() -> None:
     lean.unblock_all()
 
 
-def _close_fds(close: bool, keep: tuple[int, int]) -> None:
-    """Close every inherited fd but 0, 1, 2 and the two pipes (close_fds_on_start).
+def _listen_fds_at_3(listen_fds: tuple[int, ...], pipes: tuple[int, int]) -> tuple[int, int]:
+    """Put the listening sockets at fds 3, 4, ... in config order, inheritable; returns
+    where the two pipes went (above them).
+
+    systemd's convention (sd_listen_fds(3)): code written for socket activation finds
+    them there. The pipes are moved first, or a socket's dup2 would replace one.
+    """
+    if not listen_fds:
+        return pipes
+    above = 3 + len(listen_fds)
+    moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, above) for fd in (*listen_fds, *pipes)]
+    for number, fd in enumerate(moved[:len(listen_fds)], start=3):
+        os.dup2(fd, number)
+        os.close(fd)
+    return moved[-2], moved[-1]
+
+
+def _close_fds(close: bool, keep: tuple[int, ...]) -> None:
+    """Close every inherited fd but 0, 1, 2, the two pipes and the listening sockets (close_fds_on_start).
 
     Without it a standby shares the controller's open files and sockets with
     the main, which is how one crash corrupts the other's connection
@@ -340,7 +361,12 @@ def spawn_from_worker(spec: WorkerSpec, close: tuple[int, ...] = (), alive_fd: i
     ``alive_fd``, the main's hold on the service's alive lock, is passed on at fd 4
     (``alive_fd`` in its spec): the new process holds it from its first instant, so
     a stop waits for it even if the main dies before naming it in pid_dir.
+
+    The main's listening sockets, inheritable at fds 3, 4, ... (``listen_names``),
+    stay where they are; the spec pipe and the alive lock go just above them.
     """
+    listening = len(spec.listen_names)
+    spec_fd = 3 + listening
     spec_read, spec_write = os.pipe()
     log = open_append(spec.log_file)
     alive_copy = -1
@@ -349,15 +375,15 @@ def spawn_from_worker(spec: WorkerSpec, close: tuple[int, ...] = (), alive_fd: i
             (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
             (os.POSIX_SPAWN_DUP2, log, 1),
             (os.POSIX_SPAWN_DUP2, log, 2),
-            (os.POSIX_SPAWN_DUP2, spec_read, 3),
-        ] + [(os.POSIX_SPAWN_CLOSE, fd) for fd in close if fd > 3]
+            (os.POSIX_SPAWN_DUP2, spec_read, spec_fd),
+        ] + [(os.POSIX_SPAWN_CLOSE, fd) for fd in close if fd > spec_fd]
         if alive_fd >= 0:
-            # a copy above 3 first: were it fd 3, the spec pipe's dup2 would replace it
-            alive_copy = fcntl.fcntl(alive_fd, fcntl.F_DUPFD_CLOEXEC, 10)
-            actions.append((os.POSIX_SPAWN_DUP2, alive_copy, _ALIVE_FD))  # after the closes: 4 may be one
-            spec = replace(spec, alive_fd=_ALIVE_FD)
+            # a copy above the spec pipe first: were it there, the spec pipe's dup2 would replace it
+            alive_copy = fcntl.fcntl(alive_fd, fcntl.F_DUPFD_CLOEXEC, 10 + listening)
+            actions.append((os.POSIX_SPAWN_DUP2, alive_copy, _ALIVE_FD + listening))  # after the closes: it may be one
+            spec = replace(spec, alive_fd=_ALIVE_FD + listening)
         env = {k: v for k, v in os.environ.items() if k != "HADC_lock_fd"}
-        pid = os.posix_spawn(sys.executable, [sys.executable, "-c", BOOT, "-1", "3"], env,
+        pid = os.posix_spawn(sys.executable, [sys.executable, "-c", BOOT, "-1", str(spec_fd)], env,
                              file_actions=actions, setsid=True,
                              setsigdef=[lean.signum(n) for n in _RESET_SIGNALS],
                              setsigmask=[])

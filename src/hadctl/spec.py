@@ -62,6 +62,7 @@ class WorkerSpec:
     host_id: str = ""  # lean.host_id() of the controller's host, computed once there
     spawned_by_main: bool = False  # a main's replacement standby: the crash-loop back-off applies
     alive_fd: int = -1  # the spawning main's hold on the alive lock, passed on (spawn_from_worker)
+    listen_names: tuple[str, ...] = ()  # the names of ``listen``: the sockets at fds 3, 4, ... (sockets.py)
 
 
 FIELDS: tuple[str, ...] = getattr(WorkerSpec, "__record_fields__")

@@ -85,6 +85,9 @@ def main() -> None:
     report_fd, spec_fd = int(sys.argv[1]), int(sys.argv[2])
     spec = read_spec(spec_fd)
     os.close(spec_fd)
+    if spec.listen_names:  # the sockets spawn.py put at fds 3, 4, ...: systemd's convention
+        os.environ.update(LISTEN_FDS=str(len(spec.listen_names)), LISTEN_PID=str(os.getpid()),
+                          LISTEN_FDNAMES=":".join(spec.listen_names))
     sys.argv = [spec.name]
     worker = Worker(spec, report_fd)
     code = worker.run()

@@ -850,6 +850,128 @@ class Bench:
         self.rows.append(Row("stop_100", f"  stop {count} services one after another (total)", "ms",
                              [sum(stops)], "(info)", None, perl="-"))
 
+    # ------------------------------------------------------------------ wrk: clients across failovers and restarts
+
+    def scenario_wrk(self) -> None:
+        """Debian's wrk (16 connections, one request per connection, loopback) against the
+        HTTP test service, side by side: under hadctl with ``listen`` (the workers hold the
+        socket), and the same service binding its own port (SO_REUSEADDR) as before."""
+        wrk = shutil.which("wrk")
+        if wrk is None:
+            self.rows.append(unavailable("wrk", "wrk against an HTTP service", "0 refused",
+                                         "wrk is not installed (tools/system-deps.sh installs it)"))
+            return
+        kills, restarts = self.trials(8, 3), self.trials(3, 2)
+        root = str(HERE.parent.parent)
+        for variant in ("own_port", "listen"):
+            port = _free_port()
+            settings: dict[str, Any] = {"python_path": [root], "env": {"BIND": f"127.0.0.1:{port}"}}
+            if variant == "listen":
+                settings.update(entrypoint="tests.services.http:serve", listen=[f"127.0.0.1:{port}"])
+            else:
+                settings.update(entrypoint="tests.services.http:serve_own_port")
+            svc = self.service(f"wrk_{variant}", **settings)
+            svc.must("start")
+            url = f"http://127.0.0.1:{port}/"
+            wait_until(lambda port=port: _http_ok(port), 10, f"{variant}: an answer on {url}")
+            calm = _wrk(wrk, url, 3.0 if self.quick else 5.0)
+
+            def fail_over(svc: Service = svc) -> None:
+                for _ in range(kills):
+                    main = svc.pid("main")
+                    if main is None:
+                        raise BenchError(f"{svc.name}: no main to kill")
+                    os.kill(main, signal.SIGKILL)
+                    wait_until(lambda main=main: svc.pid("main") not in (None, main), 10, "a promoted main")
+                    wait_until(lambda: svc.pid("standby") not in (None, svc.pid("main")), 10, "a new standby")
+                    time.sleep(1.0)  # one kill a second, as in the issue
+
+            def restart(svc: Service = svc) -> None:
+                for _ in range(restarts):
+                    svc.must("restart")
+                    time.sleep(1.0)
+
+            failover = _wrk(wrk, url, kills * 1.0 + 4.0, during=fail_over)
+            restarted = _wrk(wrk, url, restarts * 2.0 + 4.0, during=restart)
+            svc.must("stop")
+            label = "with listen" if variant == "listen" else "own bind (before)"
+            target_f = "<=16 per failover, 0 refused" if variant == "listen" else "(baseline)"
+            self.rows.append(Row(f"wrk_{variant}_failover", f"wrk {label}: failed requests per SIGKILL failover",
+                                 "count", [failover["failed"] / kills],
+                                 target_f, (failover["failed"] / kills <= 16 and failover["refused"] == 0)
+                                 if variant == "listen" else None, perl="-",
+                                 notes=f"{kills} kills in {failover['seconds']:g} s: {_wrk_errors(failover)}; "
+                                       f"{failover['rps']:.0f} requests/s, p99 {failover['p99']:.1f} ms"))
+            self.rows.append(Row(f"wrk_{variant}_restart", f"wrk {label}: failed requests per restart", "count",
+                                 [restarted["failed"] / restarts], "0" if variant == "listen" else "(baseline)",
+                                 restarted["failed"] == 0 if variant == "listen" else None, perl="-",
+                                 notes=f"{restarts} restarts in {restarted['seconds']:g} s: {_wrk_errors(restarted)}; "
+                                       f"{restarted['rps']:.0f} requests/s, p99 {restarted['p99']:.1f} ms"))
+            self.rows.append(Row(f"wrk_{variant}_rps", f"wrk {label}: requests/s (no fault)", "req/s",
+                                 [calm["rps"]], "(info)", None, perl="-",
+                                 notes=f"p99 latency {calm['p99']:.1f} ms (failovers: {failover['p99']:.1f} ms); "
+                                       f"{_wrk_errors(calm)}"))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _http_ok(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as client:
+            client.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            return client.recv(64).startswith(b"HTTP/1.0 200")
+    except OSError:
+        return False
+
+
+def _wrk(wrk: str, url: str, seconds: float, during: Callable[[], None] | None = None) -> dict[str, float]:
+    """Run wrk for ``seconds`` (16 connections, one request each), calling ``during``
+    meanwhile; its figures: requests/s, p99 ms, failed requests and their kinds."""
+    duration = max(1, round(seconds))
+    command = [wrk, "-t2", "-c16", f"-d{duration}s", "--latency", "-H", "Connection: close", url]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        try:
+            time.sleep(0.5)  # let the load reach its pace before the faults
+            if during is not None:
+                during()
+            out, _ = proc.communicate(timeout=duration + 30)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+    if proc.returncode != 0:
+        raise BenchError(f"wrk exited {proc.returncode}: {out.strip()[-300:]}")
+    found: dict[str, float] = {"seconds": float(duration), "connect": 0, "read": 0, "write": 0, "timeout": 0,
+                               "non2xx": 0}
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if errors:
+        for key, value in zip(("connect", "read", "write", "timeout"), errors.groups(), strict=True):
+            found[key] = float(value)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if non2xx:
+        found["non2xx"] = float(non2xx.group(1))
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    found["rps"] = float(rps.group(1)) if rps else 0.0
+    p99 = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s)\s*$", out, re.MULTILINE)
+    found["p99"] = float(p99.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99.group(2)] if p99 else float("nan")
+    found["failed"] = found["connect"] + found["read"] + found["write"] + found["timeout"] + found["non2xx"]
+    # a refused connect surfaces in wrk as a connect or a write error (its connect is non-blocking)
+    found["refused"] = found["connect"] + found["write"]
+    return found
+
+
+def _wrk_errors(found: dict[str, float]) -> str:
+    return (f"{found['failed']:.0f} failed (connect {found['connect']:.0f}, read {found['read']:.0f}, "
+            f"write {found['write']:.0f}, timeout {found['timeout']:.0f}, non-2xx {found['non2xx']:.0f})")
+
 
 def stale_bytecode(folder: Path) -> list[str]:
     """Modules under ``folder`` whose .pyc no longer matches the source (edited during the run)."""
@@ -879,6 +1001,7 @@ def _installed_package() -> Path | None:
 
 SCENARIOS = ["failover", "failover_busy", "pool", "restart", "stop_start", "fork", "idle", "status", "rss", "many",
              "zookeeper"]
+SCENARIOS.append("wrk")
 ALIASES = {  # row names and short words -> scenario
     "pool_whole": "pool", "restart_gap": "restart", "restart_wall": "restart", "stop": "stop_start",
     "start": "stop_start", "stop_wall": "stop_start", "start_wall": "stop_start",
