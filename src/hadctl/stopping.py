@@ -178,8 +178,8 @@ def wait_for_the_last(svc: Service) -> int:
         return 0  # no worker of this hadctl ever ran here (or HADaemon::Control's)
     try:
         alive_lock = _file_key(path)
-    except OSError as exc:  # planted by the service's user: one line, exit 4
-        raise _refused(path, exc) from exc
+    except OSError as exc:  # planted by the service's user: said, and counted as a survivor
+        return _refused(svc, path, exc)
     for name in (None, "TERM", "KILL"):
         if name is not None:
             for target in [t for t in map(probe.open_target, _holders(alive_lock)) if t is not None]:
@@ -189,7 +189,7 @@ def wait_for_the_last(svc: Service) -> int:
         try:
             fd = flock.take_control(path, svc.cfg.signal_timeout)
         except OSError as exc:  # swapped for a link meanwhile
-            raise _refused(path, exc) from exc
+            return _refused(svc, path, exc)
         if fd is not None:
             os.close(fd)
             return 0
@@ -199,11 +199,13 @@ def wait_for_the_last(svc: Service) -> int:
     return len(left)
 
 
-def _refused(path: str, exc: OSError) -> NotPermittedError:
-    """The alive lock cannot be opened (a link planted in its place): one line, exit 4."""
-    if exc.errno == errno.ELOOP:
-        return refusal(f"cannot open {path}", exc)
-    return NotPermittedError(f"cannot open {path}: {exc.strerror}")
+def _refused(svc: Service, path: str, exc: OSError) -> int:
+    """The alive lock cannot be opened (a link planted in its place): one failed line
+    (what was stopped stays said), and 1 as the number of processes not waited for."""
+    why = str(refusal(f"cannot wait for the last process on {path}", exc)) if exc.errno == errno.ELOOP \
+        else f"cannot wait for the last process on {path}: {exc.strerror}"
+    svc.say(why, "Failed", ok=False)
+    return 1
 
 
 def _file_key(path: str) -> tuple[int, int, int]:
