@@ -16,7 +16,7 @@ import time
 
 from . import lean, probe, stopping
 from .config import ServiceConfig
-from .control import ControlLock, Service, clean_stale, fill, prepare, remove, say_elsewhere, say_tampered, touch
+from .control import ControlLock, Service, clean_stale, fill, prepare, remove, suspect, touch
 from .errors import ActionFailedError, ConfigError, NotRunningError
 from .layout import read_pid_file
 from .lean import TYPE_CHECKING
@@ -45,7 +45,7 @@ def _start_locked(svc: Service, action: str) -> Outcome:
     if all(r.running for r in reports):
         svc.say("Already Running", "OK")
         return svc.outcome(action, 0, reports)
-    if say_tampered(svc, reports) or (not any(r.running for r in reports) and say_elsewhere(svc)):
+    if suspect(svc, reports):
         return svc.outcome(action, 1, reports)  # a second main would start beside them
     status = fill(svc, reports)
     return svc.outcome(action, status, svc.slots()[0])
@@ -63,6 +63,8 @@ def fork(cfg: ServiceConfig) -> Outcome:
             return svc.outcome("fork", 1)
         reports, stale = svc.slots()
         clean_stale(svc, stale)
+        if not all(r.running for r in reports) and suspect(svc, reports):
+            return svc.outcome("fork", 1, reports)  # a second main would start beside them
         status = fill(svc, reports)
         return svc.outcome("fork", status, svc.slots()[0] if svc.steps else reports)
 
@@ -111,10 +113,10 @@ def _stop_locked(svc: Service) -> Outcome:
         svc.say(f"{report.label} (pid {report.pid}) still holds its slot", "Failed", ok=False)
     if not running:
         remove(svc.layout.starts_file)  # a clean stop ends any crash-loop history
-    suspect = say_tampered(svc, reports) or (not stopped_any and say_elsewhere(svc))
-    if not stopped_any and not suspect:
+    doubtful = suspect(svc, reports, elsewhere=not stopped_any)  # (workers elsewhere: when none ran here)
+    if not stopped_any and not doubtful:
         svc.say("Not Running", "OK")
-    return svc.outcome("stop", 1 if running or left or suspect else 0, reports)
+    return svc.outcome("stop", 1 if running or left or doubtful else 0, reports)
 
 
 def _stop_orphans(svc: Service, reports: list[SlotReport]) -> Outcome:
@@ -366,8 +368,7 @@ def status(cfg: ServiceConfig, holder_probe: flock.HolderProbe | None = None) ->
             svc.steps.append(Step(f"{report.label} (pid {report.pid}{on}){stale}", "Running", True))
         else:
             svc.steps.append(Step(f"{report.label}{stale}", "Not Running", False))
-    suspect = say_tampered(svc, reports, log=False) or (
-        not any(r.running for r in reports) and say_elsewhere(svc, log=False))
+    doubtful = suspect(svc, reports, log=False)
     detail: dict[str, object] = {}
     found = read_pid_file(svc.layout.backoff_file)
     if found is not None and found.pid is not None and probe.is_worker_of(found.pid, svc.layout, cfg.name):
@@ -377,7 +378,7 @@ def status(cfg: ServiceConfig, holder_probe: flock.HolderProbe | None = None) ->
     if problem is not None:  # who holds the main slots is unknown: LSB status 4
         svc.steps.append(Step(problem, "Unknown", False))
         return svc.outcome("status", 4, reports, **detail)
-    return svc.outcome("status", 1 if suspect else status_code(reports), reports, **detail)
+    return svc.outcome("status", 1 if doubtful else status_code(reports), reports, **detail)
 
 
 def _second_line(path: str) -> str:

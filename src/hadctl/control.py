@@ -316,6 +316,15 @@ def say_elsewhere(svc: Service, log: bool = True) -> bool:
     return bool(found)
 
 
+def suspect(svc: Service, reports: list[SlotReport], log: bool = True, elsewhere: bool = True) -> bool:
+    """Say what must keep start, fork, stop and status from trusting the slots: tampered
+    lock files, or (with ``elsewhere``, when none of ``reports`` runs) workers using
+    another pid_dir. True when there was any."""
+    if say_tampered(svc, reports, log):
+        return True
+    return elsewhere and not any(r.running for r in reports) and say_elsewhere(svc, log)
+
+
 # ------------------------------------------------------------ filling free slots
 
 

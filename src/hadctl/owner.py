@@ -98,13 +98,32 @@ def marker(cfg: ServiceConfig) -> str:
 def workers_elsewhere(cfg: ServiceConfig) -> dict[int, str]:
     """Live workers of ``cfg``'s service that use another pid_dir (it was changed in
     the config while they ran): pid -> the pid_dir they use ("" when unknown).
-    A walk over /proc/*/environ: as root every process is seen; otherwise only
-    this user's own."""
-    wanted = f"\0{VARIABLE}={marker(cfg)}\0".encode()
+    As root every process is seen; otherwise only this user's own."""
     ours = os.path.realpath(cfg.pid_dir)
     found: dict[int, str] = {}
+    for pid in _marked().get(marker(cfg), ()):
+        if not probe.is_worker(pid, cfg.name):
+            continue
+        targets = [target.removesuffix(" (deleted)") for target in probe.fd_targets(pid).values()]
+        folders = {os.path.dirname(target) for target in targets if os.path.basename(target) == _ALIVE_LOCK}
+        if ours not in folders:
+            found[pid] = ", ".join(sorted(folders))
+    return found
+
+
+_MARKED: list[dict[str, list[int]]] = []  # read once per controller: status --all asks for every service
+
+
+def _marked() -> dict[str, list[int]]:
+    """Every process carrying a HADCTL_SERVICE marker: marker -> pids (a walk over
+    /proc/*/environ, which shows a process's environment as it started)."""
+    if _MARKED:
+        return _MARKED[0]
+    prefix = f"{VARIABLE}=".encode()
+    table: dict[str, list[int]] = {}
+    me = os.getpid()
     for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == os.getpid():
+        if not name.isdigit() or int(name) == me:
             continue
         try:
             with open(f"/proc/{name}/environ", "rb") as handle:
@@ -113,10 +132,10 @@ def workers_elsewhere(cfg: ServiceConfig) -> dict[int, str]:
             if exc.errno not in (errno.ENOENT, errno.EACCES, errno.ESRCH, errno.EPERM):
                 raise
             continue  # gone, or not ours to read
-        if wanted not in b"\0" + data + b"\0" or not probe.is_worker(int(name), cfg.name):
+        at = data.find(b"\0" + prefix)
+        if at < 0 and not data.startswith(prefix):
             continue
-        targets = [target.removesuffix(" (deleted)") for target in probe.fd_targets(int(name)).values()]
-        folders = {os.path.dirname(target) for target in targets if os.path.basename(target) == _ALIVE_LOCK}
-        if ours not in folders:
-            found[int(name)] = ", ".join(sorted(folders))
-    return found
+        value = data[at + 1 if at >= 0 else 0:].split(b"\0", 1)[0][len(prefix):]
+        table.setdefault(value.decode("utf-8", "replace"), []).append(int(name))
+    _MARKED.append(table)
+    return table
