@@ -271,3 +271,123 @@ def test_the_owner_file_names_the_service_and_follows_a_moved_config(service, no
     result = svc.run("status")
     assert result.returncode == 0, result.stdout + result.stderr
     svc.run("stop", check=True)
+
+
+# ------------------------------------------------------------------ the walk itself (safepath)
+
+
+def _users_folder(tmp_path: Path, name: str = "user") -> Path:
+    folder = tmp_path / name
+    folder.mkdir()
+    os.chown(folder, NOBODY, NOBODY)
+    return folder
+
+
+@pytest.mark.parametrize("where", ["the user's folder", "a root folder others may write"])
+def test_open_beneath_refuses_a_link_on_the_way_that_others_could_plant(tmp_path, where):
+    from hadctl import safepath
+
+    if where == "the user's folder":
+        folder = _users_folder(tmp_path)
+    else:
+        folder = tmp_path / "shared"
+        folder.mkdir()
+        folder.chmod(0o777)  # not sticky: anyone may swap root's link
+    secret = _root_only(tmp_path / "secret")
+    (folder / "logs").symlink_to(secret)  # made by root, yet in a folder others can write
+    for path in (folder / "logs" / "x.log", folder / "logs"):
+        with pytest.raises(safepath.LinkRefusedError) as caught:
+            safepath.open_beneath(str(path), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        assert caught.value.filename == str(folder / "logs")
+    with pytest.raises(safepath.LinkRefusedError):
+        safepath.make_folders(str(folder / "logs" / "made"))
+    with pytest.raises(safepath.LinkRefusedError):
+        safepath.check_walk(str(folder / "logs" / "x.log"))
+    (secret / "keep").write_text("")
+    with pytest.raises(safepath.LinkRefusedError):
+        safepath.unlink(str(folder / "logs" / "keep"))
+    assert sorted(p.name for p in secret.iterdir()) == ["keep"]
+
+
+def test_open_beneath_follows_links_that_root_alone_could_make(tmp_path):
+    from hadctl import safepath
+
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "inner").mkdir()
+    (tmp_path / "absolute").symlink_to(real)
+    (tmp_path / "relative").symlink_to("real/inner/..")  # resolved from the link's own folder
+    (tmp_path / "chain").symlink_to("relative")
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)  # like /tmp: others may write, but not replace root's link
+    (sticky / "to-real").symlink_to(real)
+    for path in ("absolute/a", "relative/b", "chain/c", "sticky/to-real/d"):
+        os.close(safepath.open_beneath(str(tmp_path / path), os.O_WRONLY | os.O_CREAT))
+    assert sorted(p.name for p in real.iterdir()) == ["a", "b", "c", "d", "inner"]
+    (tmp_path / "loop").symlink_to("loop")
+    with pytest.raises(OSError) as caught:
+        safepath.open_beneath(str(tmp_path / "loop" / "x"), os.O_RDONLY)
+    assert caught.value.errno == 40  # ELOOP: a loop ends, as in the kernel
+    with pytest.raises(OSError):  # a lock file is never opened through a link, even root's
+        safepath.open_beneath(str(tmp_path / "absolute"), os.O_RDONLY | os.O_NOFOLLOW)
+
+
+def test_make_folders_gives_the_folder_asked_for_to_the_user_and_keeps_its_parents_roots(tmp_path):
+    from hadctl import safepath
+
+    made = safepath.make_folders(str(tmp_path / "a" / "b" / "c"), 0o755, (NOBODY, NOBODY))
+    assert made == [str(tmp_path / "a"), str(tmp_path / "a" / "b"), str(tmp_path / "a" / "b" / "c")]
+    assert [os.stat(path).st_uid for path in made] == [0, 0, NOBODY]
+    assert safepath.make_folders(str(tmp_path / "a" / "b" / "c")) == []
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NotADirectoryError):
+        safepath.make_folders(str(tmp_path / "file" / "x"))
+
+
+@pytest.mark.parametrize("kind", ["symlink", "hardlink", "fifo", "stranger's file", "folder on the way"])
+def test_a_lock_file_not_made_by_hadctl_is_tampered_and_has_no_holder(tmp_path, kind):
+    """HolderProbe.inspect asks who holds the file it opened itself, and names nobody
+    for a lock file that is none hadctl made."""
+    from hadctl.locks import flock
+
+    secret = _root_only(tmp_path / "secret")
+    held = secret / "daemon.lock"
+    daemon = Daemon(held)
+    try:
+        locks = _users_folder(tmp_path, "lock")
+        path = locks / "1.lock"
+        if kind == "symlink":
+            path.symlink_to(held)
+        elif kind == "hardlink":
+            os.link(held, path)
+        elif kind == "fifo":
+            os.mkfifo(path)
+        elif kind == "stranger's file":
+            os.rename(held, path)
+            os.chown(path, 4242, 4242)
+        else:
+            locks.rmdir()
+            locks.symlink_to(secret)
+            os.lchown(locks, NOBODY, NOBODY)
+            path = locks / "daemon.lock"
+        holder, why = flock.HolderProbe().inspect(str(path), [daemon.pid], frozenset({0, NOBODY}))
+        assert holder is None and why, (holder, why)
+        assert not flock.holds_path(daemon.pid, str(path), frozenset({0, NOBODY}))
+        if kind != "folder on the way":
+            os.unlink(path)
+        else:
+            os.unlink(locks)
+            locks.mkdir()
+        path = locks / "1.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # a plain lock file, as hadctl makes it
+        os.close(fd)
+        assert flock.HolderProbe().inspect(str(path), [], frozenset({0})) == (None, None)  # free
+        worker = Daemon(path)
+        try:
+            assert flock.HolderProbe().inspect(str(path), [], frozenset({0})) == (worker.pid, None)
+            assert flock.holds_path(worker.pid, str(path), frozenset({0}))
+        finally:
+            worker.close()
+    finally:
+        daemon.close()
