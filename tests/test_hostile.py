@@ -391,3 +391,19 @@ def test_a_lock_file_not_made_by_hadctl_is_tampered_and_has_no_holder(tmp_path, 
             worker.close()
     finally:
         daemon.close()
+
+
+def test_touch_removes_a_link_planted_at_a_stop_file_reached_through_a_trusted_link(tmp_path):
+    """standby_stop_file = /var/run/svc/stop-file style: the walk follows root's
+    /var/run -> /run, and the link the user planted at the file itself is removed."""
+    from hadctl import control
+
+    real = tmp_path / "run"
+    real.mkdir()
+    (tmp_path / "var-run").symlink_to(real)
+    users = _users_folder(real, "svc")
+    outside = tmp_path / "outside"
+    (users / "stop-file").symlink_to(outside)
+    os.lchown(users / "stop-file", NOBODY, NOBODY)
+    control.touch(str(tmp_path / "var-run" / "svc" / "stop-file"))
+    assert (users / "stop-file").is_file() and not (users / "stop-file").is_symlink() and not outside.exists()

@@ -263,7 +263,7 @@ def touch(path: str) -> None:
     except OSError as exc:
         if exc.errno == errno.ENXIO:  # a FIFO nobody reads: it exists, which is all we want
             return
-        if exc.errno != errno.ELOOP or (exc.filename or path) not in (path, os.path.abspath(path)):
+        if exc.errno != errno.ELOOP or not getattr(exc, "final", True):  # (a folder on the way: refused)
             raise
         safepath.unlink(path)
         fd = safepath.open_beneath(path, flags, 0o644)

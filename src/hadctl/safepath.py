@@ -36,10 +36,13 @@ _MAX_LINKS = 40  # as the kernel's own limit on links in one lookup
 
 class LinkRefusedError(OSError):
     """A symbolic link on the way to a path that someone other than root could
-    have planted: never followed as root. ``filename`` is the link."""
+    have planted: never followed as root. ``filename`` is the link (named as
+    reached: after a trusted link, by its target's path); ``final`` tells whether
+    it stands at the path's last component rather than at a folder on the way."""
 
-    def __init__(self, link: str) -> None:
+    def __init__(self, link: str, final: bool) -> None:
         super().__init__(errno.ELOOP, "a symbolic link in a folder that others can write", link)
+        self.final = final
 
 
 def guarded() -> bool:
@@ -106,7 +109,7 @@ def check_walk(path: str) -> None:
             raise
         return  # missing, or not a folder: for the caller to find out
     try:
-        _trusted_link(folder, name, where)
+        _trusted_link(folder, name, where, final=True)
     finally:
         os.close(folder)
 
@@ -125,7 +128,7 @@ def _walk(path: str, making: _Making | None = None) -> tuple[int, str, str]:
     folder's path (for messages). With ``making`` (mode, owner, list of folders
     made), every component is a folder, created when missing, and the name
     returned is "."."""
-    pending = _split(os.path.normpath(os.path.join(os.getcwd(), path)))
+    pending = _split(os.path.normpath(path if path.startswith("/") else os.path.join(os.getcwd(), path)))
     folder = os.open("/", _FOLDER)
     where = "/"
     links = 0
@@ -198,12 +201,12 @@ def _open_last(folder: int, name: str, where: str, flags: int, mode: int) -> int
         failed = OSError(exc.errno, exc.strerror, path)  # named in full (the subclass follows errno)
         if exc.errno not in (errno.ELOOP, errno.ENOTDIR):  # ENOTDIR: a link opened with O_DIRECTORY
             raise failed from None
-        if _trusted_link(folder, name, where) is None or flags & os.O_NOFOLLOW:
+        if _trusted_link(folder, name, where, final=True) is None or flags & os.O_NOFOLLOW:
             raise failed from None
     return os.open(name, flags | os.O_CLOEXEC, mode, dir_fd=folder)
 
 
-def _trusted_link(folder: int, name: str, where: str) -> str | None:
+def _trusted_link(folder: int, name: str, where: str, final: bool = False) -> str | None:
     """The target of the link ``name`` in ``folder`` if root alone could have made it;
     None when ``name`` is no link; LinkRefusedError for an untrusted link."""
     try:
@@ -215,5 +218,5 @@ def _trusted_link(folder: int, name: str, where: str) -> str | None:
     holder = os.fstat(folder)
     others_write = holder.st_mode & 0o022 and not holder.st_mode & stat.S_ISVTX
     if st.st_uid != 0 or holder.st_uid != 0 or others_write:
-        raise LinkRefusedError(os.path.join(where, name))
+        raise LinkRefusedError(os.path.join(where, name), final)
     return os.readlink(name, dir_fd=folder)

@@ -439,9 +439,9 @@ class HolderProbe:
             fd = _open_to_read(path)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                link = exc.filename if isinstance(exc.filename, str) else path
-                beyond = os.path.normpath(link) != os.path.normpath(os.path.abspath(path))
-                return None, f"lies beyond the symbolic link {link}" if beyond else "is a symbolic link"
+                if getattr(exc, "final", True):
+                    return None, "is a symbolic link"
+                return None, f"lies beyond the symbolic link {exc.filename}"
             return None, None  # missing, or not ours to read: nobody we can name holds it
         try:
             st = os.fstat(fd)
