@@ -16,7 +16,7 @@ import time
 
 from . import lean, probe, stopping
 from .config import ServiceConfig
-from .control import ControlLock, Service, clean_stale, fill, prepare, remove, touch
+from .control import ControlLock, Service, clean_stale, fill, prepare, remove, suspect, touch
 from .errors import ActionFailedError, ConfigError, NotRunningError
 from .layout import read_pid_file
 from .lean import TYPE_CHECKING
@@ -45,6 +45,8 @@ def _start_locked(svc: Service, action: str) -> Outcome:
     if all(r.running for r in reports):
         svc.say("Already Running", "OK")
         return svc.outcome(action, 0, reports)
+    if suspect(svc, reports):
+        return svc.outcome(action, 1, reports)  # a second main would start beside them
     status = fill(svc, reports)
     return svc.outcome(action, status, svc.slots()[0])
 
@@ -61,6 +63,8 @@ def fork(cfg: ServiceConfig) -> Outcome:
             return svc.outcome("fork", 1)
         reports, stale = svc.slots()
         clean_stale(svc, stale)
+        if not all(r.running for r in reports) and suspect(svc, reports):
+            return svc.outcome("fork", 1, reports)  # a second main would start beside them
         status = fill(svc, reports)
         return svc.outcome("fork", status, svc.slots()[0] if svc.steps else reports)
 
@@ -109,9 +113,10 @@ def _stop_locked(svc: Service) -> Outcome:
         svc.say(f"{report.label} (pid {report.pid}) still holds its slot", "Failed", ok=False)
     if not running:
         remove(svc.layout.starts_file)  # a clean stop ends any crash-loop history
-    if not stopped_any:
+    doubtful = suspect(svc, reports, elsewhere=not stopped_any)  # (workers elsewhere: when none ran here)
+    if not stopped_any and not doubtful:
         svc.say("Not Running", "OK")
-    return svc.outcome("stop", 1 if running or left else 0, reports)
+    return svc.outcome("stop", 1 if running or left or doubtful else 0, reports)
 
 
 def _stop_orphans(svc: Service, reports: list[SlotReport]) -> Outcome:
@@ -367,6 +372,7 @@ def status(cfg: ServiceConfig, holder_probe: flock.HolderProbe | None = None) ->
             svc.steps.append(Step(f"{report.label} (pid {report.pid}{on}){stale}", "Running", True))
         else:
             svc.steps.append(Step(f"{report.label}{stale}", "Not Running", False))
+    doubtful = suspect(svc, reports, log=False)
     detail: dict[str, object] = {}
     found = read_pid_file(svc.layout.backoff_file)
     if found is not None and found.pid is not None and probe.is_worker_of(found.pid, svc.layout, cfg.name):
@@ -381,7 +387,7 @@ def status(cfg: ServiceConfig, holder_probe: flock.HolderProbe | None = None) ->
     if problem is not None:  # who holds the main slots is unknown: LSB status 4
         svc.steps.append(Step(problem, "Unknown", False))
         return svc.outcome("status", 4, reports, **detail)
-    return svc.outcome("status", status_code(reports), reports, **detail)
+    return svc.outcome("status", 1 if doubtful else status_code(reports), reports, **detail)
 
 
 def _second_line(path: str) -> str:

@@ -33,7 +33,8 @@ def record_start(path: str) -> list[float]:
     """
     now = time.monotonic()
     try:
-        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        # never through a link planted in pid_dir (a worker may run as root)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
     except OSError:
         return []  # no record, no protection; never stop a main from running
     times: list[float] = []

@@ -4,24 +4,27 @@ controllers' lock, the preparation of folders and files, and filling free slots.
 Controllers that change state take turns on ``PID_DIR/hadctl.lock``
 (``ControlLock``), so that concurrent runs end coherent. Folders and files are
 made and checked before the first fork (``prepare``): bad input leaves state as
-it was. Files hadctl touches in pid_dir, which the service's user may write, are
-opened never through a symlink and never blocking (``touch``).
+it was. Files and folders hadctl makes, opens or removes as root, in pid_dir or
+a log folder that the service's user may write, are reached through safepath
+(component by component, never through a link that user could plant), and
+opened never blocking (``touch``). A pid_dir recorded as another service's is
+refused by every action (owner.check, in ``Service``); start records its own.
 
-Imports config, errors, layout, locks.flock, log, model, probe, slots and spawn
-(and sockets, only when ``listen`` is set); never click or rich.
+Imports config, errors, layout, locks.flock, log, model, owner, probe, safepath,
+slots and spawn (and sockets, only when ``listen`` is set); never click or rich.
 """
 from __future__ import annotations
 
 import errno
 import os
 
-from . import lean, probe, spawn
+from . import lean, owner, probe, safepath, spawn
 from . import slots as read_model
 from .config import ServiceConfig
 from .errors import ActionFailedError, BusyError, ConfigError, NotPermittedError
 from .layout import Layout, read_pid_file, remove_stale
 from .locks import flock
-from .log import Log, follows_last_link, open_append
+from .log import Log, open_append
 from .model import Outcome, SlotReport, Step
 
 if lean.TYPE_CHECKING:
@@ -37,6 +40,7 @@ class Service:
     """One service during one action: its config, paths, log and output lines."""
 
     def __init__(self, cfg: ServiceConfig) -> None:
+        owner.check(cfg)
         self.cfg = cfg
         self.layout = Layout(cfg.pid_dir, cfg.locks.path, cfg.locks.standby_path, cfg.standby_stop_file)
         self.log = Log(cfg.log_file)
@@ -61,7 +65,23 @@ class Service:
 
     def slots(self, holder_probe: flock.HolderProbe | None = None) -> tuple[list[SlotReport], list[read_model.Stale]]:
         """Every expected slot from its lock, and the stale pid files (read_model.read)."""
-        return read_model.read(self.layout, self.cfg.locks, holder_probe)
+        return read_model.read(self.layout, self.cfg.locks, holder_probe, self.lock_owners)
+
+    @property
+    def lock_owners(self) -> frozenset[int]:
+        """Who may own the service's lock files: root, this controller's user, the
+        service's user and the owners of the lock folders (who may make files there
+        anyway, and whose files stay trusted when ``user`` changes). A lock file of
+        anyone else's was moved in from elsewhere: it is tampered."""
+        owners = {0, os.geteuid()}
+        if self.cfg.identity.uid is not None:
+            owners.add(self.cfg.identity.uid)
+        for folder in (self.layout.lock_path, self.layout.standby_lock_path):
+            try:
+                owners.add(os.lstat(folder).st_uid)
+            except OSError:
+                pass
+        return frozenset(owners)
 
     def extra_slots(self) -> list[SlotReport]:
         """Slots held beyond the configured counts (read_model.extra_slots)."""
@@ -99,7 +119,7 @@ class ControlLock:
             raise NotPermittedError(f"cannot take lock {path}: {exc.strerror}") from exc
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                raise NotPermittedError(f"cannot take lock {path}: it is a symbolic link (never followed)") from exc
+                raise refusal(f"cannot take lock {path}", exc) from exc
             raise ConfigError(f"cannot take lock {path}: {exc.strerror}") from exc
         if fd is None:
             raise BusyError(f"another hadctl is working on {self.svc.cfg.name} (it holds {path}); "
@@ -125,46 +145,64 @@ def prepare(svc: Service) -> None:
     check_paths(cfg)
     ident = cfg.identity
     chown = os.geteuid() == 0 and ident.uid is not None
+    given = (ident.uid or 0, -1 if ident.gid is None else ident.gid) if chown else None
     for key, folder in (("pid_dir", cfg.pid_dir), ("locks.path", cfg.locks.path),
                         ("locks.standby_path", cfg.locks.standby_path)):
-        existed = os.path.isdir(folder)
         try:
-            os.makedirs(folder, 0o755, exist_ok=True)
+            # as root, never through a link: once pid_dir is the user's, its user could
+            # swap the lock folder we just made for a link to /etc
+            safepath.make_folders(folder, 0o755, given)
         except (FileExistsError, NotADirectoryError):
             raise ConfigError(f'{cfg.config_file}: key "{key}": {folder} is not a directory') from None
         except PermissionError:
             raise NotPermittedError(f"cannot create {folder}: Permission denied") from None
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise refusal(f'key "{key}": cannot create {folder}', exc) from None
             raise ConfigError(f'{cfg.config_file}: key "{key}": cannot create {folder}: {exc.strerror}') from None
         if not os.access(folder, os.W_OK):
             raise NotPermittedError(f"cannot write in {folder}: Permission denied")
-        if chown and not existed:
-            # never through a link: once pid_dir is the user's, its user could swap
-            # the lock folder we just made for a link to /etc
-            os.chown(folder, ident.uid or 0, -1 if ident.gid is None else ident.gid, follow_symlinks=False)
     for key, path in (("log_file", cfg.log_file), ("stdout_file", cfg.stdout_file),
                       ("stderr_file", cfg.stderr_file)):
         if path is None:
             continue
-        existed = os.path.exists(path)
         try:
-            fd = open_append(path)
+            fd, made = _open_output(path)
         except PermissionError:
             raise NotPermittedError(f"cannot open {key} {path}: Permission denied") from None
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                raise _link_refused(key, path) from None
+                raise refusal(f"cannot open {key} {path}", exc) from None
             raise ConfigError(f'{cfg.config_file}: key "{key}": cannot open {path}: {exc.strerror}') from None
         try:
-            if chown and not existed:
-                os.fchown(fd, ident.uid or 0, -1 if ident.gid is None else ident.gid)  # the file we opened
+            if given is not None and made:
+                os.fchown(fd, *given)  # the file we made, through its fd
         finally:
             os.close(fd)
+    try:
+        owner.claim(cfg, given)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise refusal(f"cannot record the owner of {cfg.pid_dir}", exc) from None
+        raise ConfigError(f"cannot write {owner.owner_path(cfg)}: {exc.strerror}") from None
 
 
-def _link_refused(key: str, path: str) -> NotPermittedError:
-    return NotPermittedError(f"{key} {path} is a symbolic link in a folder that others can write: "
-                             "not followed as root")
+def _open_output(path: str) -> tuple[int, bool]:
+    """Open a log or output file for appending: (fd, whether this call created it)."""
+    try:
+        return safepath.open_beneath(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o644), True
+    except FileExistsError:
+        return open_append(path), False
+
+
+def refusal(what: str, exc: OSError) -> NotPermittedError:
+    """The one line for a link refused on the way to a path (exit 4), naming the link;
+    ``what`` says what was being done."""
+    link = exc.filename if isinstance(exc, safepath.LinkRefusedError) else None
+    if link is None:
+        return NotPermittedError(f"{what}: it is a symbolic link (never followed)")
+    return NotPermittedError(f"{what}: {link} is a symbolic link in a folder that others can write "
+                             "(never followed as root)")
 
 
 def check_paths(cfg: ServiceConfig) -> None:
@@ -180,6 +218,11 @@ def check_paths(cfg: ServiceConfig) -> None:
                               ("stderr_file", cfg.stderr_file, False)):
         if path is None:
             continue
+        try:
+            safepath.check_walk(path)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise refusal(f'key "{key}": {path}', exc) from None
         existing = path
         while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
             existing = os.path.dirname(existing)  # the nearest part of the path that exists
@@ -191,8 +234,6 @@ def check_paths(cfg: ServiceConfig) -> None:
             # opening a FIFO for writing blocks until someone reads it: every command would hang
             # (lstat: /dev/stdout, a link to whatever fd 1 is, stays allowed)
             raise ConfigError(f'{cfg.config_file}: key "{key}": {path} is a FIFO or a socket, not a file')
-        if existing == path and not folder and os.path.islink(path) and not follows_last_link(path):
-            raise _link_refused(key, path)
         if existing != path and not os.path.isdir(existing):
             raise ConfigError(f'{cfg.config_file}: key "{key}": cannot create {path}: {existing} is not a directory')
         if not os.access(existing, os.W_OK | (os.X_OK if existing != path else 0)):
@@ -216,27 +257,33 @@ def touch(path: str) -> None:
     """Make ``path`` exist, never through a symlink and never blocking; raises OSError.
 
     A link planted in pid_dir (its user may write there) must not make a root
-    controller create files elsewhere: the link is removed. Opening a FIFO for
+    controller create files elsewhere: a link as the last part is removed (one on
+    a folder on the way is refused: safepath.LinkRefusedError). Opening a FIFO for
     writing waits for a reader; a FIFO exists, which is all we want."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
     try:
-        fd = os.open(path, flags, 0o644)
+        fd = safepath.open_beneath(path, flags, 0o644)
     except OSError as exc:
         if exc.errno == errno.ENXIO:  # a FIFO nobody reads: it exists, which is all we want
             return
-        if exc.errno != errno.ELOOP:
+        if exc.errno != errno.ELOOP or not getattr(exc, "final", True):  # (a folder on the way: refused)
             raise
-        os.unlink(path)
-        fd = os.open(path, flags, 0o644)
+        safepath.unlink(path)
+        fd = safepath.open_beneath(path, flags, 0o644)
     os.close(fd)
 
 
 def remove(path: str) -> None:
-    """Remove ``path`` if it exists (a missing file is what we wanted)."""
+    """Remove ``path`` if it exists (a missing file is what we wanted); NotPermittedError
+    when a folder on the way is a link that root does not follow."""
     try:
-        os.unlink(path)
+        safepath.unlink(path)
     except FileNotFoundError:
         pass
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise refusal(f"cannot remove {path}", exc) from exc
 
 
 def clean_stale(svc: Service, stale: list[read_model.Stale]) -> None:
@@ -249,6 +296,36 @@ def clean_stale(svc: Service, stale: list[read_model.Stale]) -> None:
             svc.say(f"removed stale {os.path.basename(item.path)} ({item.why})", "OK")
         else:
             svc.say(f"cannot remove stale {item.path} ({item.why})", "Failed", ok=False)
+
+
+def say_tampered(svc: Service, reports: list[SlotReport], log: bool = True) -> bool:
+    """A failed line for each slot whose lock file is tampered with (``SlotReport.tampered``);
+    True when there was one. ``log``: also into the log file (not for status)."""
+    for report in reports:
+        if report.tampered is not None:
+            what = f"{report.label}: {report.tampered}; nothing is signalled through it"
+            svc.say(what, "Tampered", ok=False) if log else svc.steps.append(Step(what, "Tampered", False))
+    return any(r.tampered is not None for r in reports)
+
+
+def say_elsewhere(svc: Service, log: bool = True) -> bool:
+    """A failed line for each worker of this service that uses another pid_dir (changed
+    in the config while it ran: owner.workers_elsewhere); True when there was one."""
+    found = owner.workers_elsewhere(svc.cfg)
+    for pid, folder in sorted(found.items()):
+        what = (f"pid {pid}, a worker of {svc.cfg.name}, uses pid_dir {folder or '(unknown)'}, not "
+                f"{svc.cfg.pid_dir} (changed while it ran?): stop it with its own pid_dir")
+        svc.say(what, "Elsewhere", ok=False) if log else svc.steps.append(Step(what, "Elsewhere", False))
+    return bool(found)
+
+
+def suspect(svc: Service, reports: list[SlotReport], log: bool = True, elsewhere: bool = True) -> bool:
+    """Say what must keep start, fork, stop and status from trusting the slots: tampered
+    lock files, or (with ``elsewhere``, when none of ``reports`` runs) workers using
+    another pid_dir. True when there was any."""
+    if say_tampered(svc, reports, log):
+        return True
+    return elsewhere and not any(r.running for r in reports) and say_elsewhere(svc, log)
 
 
 # ------------------------------------------------------------ filling free slots
@@ -295,6 +372,7 @@ def fill(svc: Service, reports: list[SlotReport]) -> int:
 def _spawn(svc: Service, count: int) -> list[spawn.Report]:
     spec = svc.cfg.worker_spec()
     env = spawn.worker_environment(spec)
+    env[owner.VARIABLE] = owner.marker(svc.cfg)  # finds the workers if pid_dir is changed while they run
     listen_fds: tuple[int, ...] = ()
     if svc.cfg.listen:  # every socket in hand before the first fork
         from . import sockets

@@ -109,7 +109,7 @@ def read_pid_file(path: str) -> PidFile | None:
 def write_pid_file(path: str, pid: int, extra: str = "") -> None:
     """Write ``pid`` (and an optional second line) to ``path`` atomically: write, then rename."""
     temporary = f"{path}.{pid}.tmp"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
     try:
         os.write(fd, f"{pid}\n{extra}".encode() + (b"\n" if extra else b""))
     finally:

@@ -1,7 +1,8 @@
 """hadctl's own log: ``[YYYY-MM-DD HH:MM:SS.fffff][pid][LEVEL] message``.
 
-Leaf module (os, time only) so the spawned worker can use it cheaply. Lines are
-appended with one write each, so several processes can share one file.
+Imports only safepath from hadctl (os, time otherwise), so the spawned worker
+can use it cheaply. Lines are appended with one write each, so several
+processes can share one file.
 TRACE lines are written only when ``HADC_TRACE=1``.
 """
 from __future__ import annotations
@@ -9,31 +10,21 @@ from __future__ import annotations
 import os
 import time
 
+from .safepath import open_beneath
+
 _APPEND = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
 
 
 def open_append(path: str) -> int:
     """Open ``path`` for appending (created 0644), the way every hadctl log and output file is.
 
-    As root, a symlink as the last part of ``path`` is followed only in a folder
-    that root alone can write: log_file often lies in pid_dir, which belongs to
-    the service's user, who could otherwise swap the file for a link to
-    /etc/passwd and have a root controller append to it. There it is refused
-    (OSError ELOOP, "Too many levels of symbolic links").
+    As root, never through a link that someone other than root could have
+    planted anywhere on the way (safepath): log_file often lies in pid_dir or a
+    log folder that belongs to the service's user, who could otherwise swap the
+    file, or a folder above it, for a link into /etc. Raises OSError
+    (safepath.LinkRefusedError, errno ELOOP, naming the link).
     """
-    return os.open(path, _APPEND if follows_last_link(path) else _APPEND | os.O_NOFOLLOW, 0o644)
-
-
-def follows_last_link(path: str) -> bool:
-    """Whether open_append follows a symlink at the last part of ``path``: always,
-    unless we are root and someone other than root can write ``path``'s folder."""
-    if os.geteuid() != 0:
-        return True
-    try:
-        st = os.stat(os.path.dirname(path) or ".")
-    except OSError:
-        return False
-    return st.st_uid == 0 and not st.st_mode & 0o022
+    return open_beneath(path, _APPEND, 0o644)
 
 
 def _stamp() -> str:

@@ -46,6 +46,7 @@ class SlotReport:
     stale: tuple[str, ...] = ()
     host: str | None = None
     backoff_until: float | None = None
+    tampered: str | None = None  # why its lock file is none hadctl made: nothing is signalled through it
 
     @property
     def running(self) -> bool:

@@ -71,6 +71,7 @@ def as_dict(outcome: Outcome) -> dict[str, object]:
                 "stale": list(s.stale),
                 **({"host": s.host} if s.host is not None else {}),
                 **({"backoff_until": s.backoff_until} if s.backoff_until is not None else {}),
+                **({"tampered": s.tampered} if s.tampered is not None else {}),
             }
             for s in outcome.slots
         ],

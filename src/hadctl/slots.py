@@ -37,16 +37,17 @@ class Stale:
     pid: int | None = None
 
 
-def read(layout: Layout, locks: LocksConfig,
-         holder_probe: HolderProbe | None = None) -> tuple[list[SlotReport], list[Stale]]:
+def read(layout: Layout, locks: LocksConfig, holder_probe: HolderProbe | None = None,
+         owners: frozenset[int] | None = None) -> tuple[list[SlotReport], list[Stale]]:
     """Every expected slot with its holder, and the stale pid files found.
 
     A slot whose lock file is missing may still be held through a deleted file:
     its holder (an orphan) is found through the fds of the candidates, and shown
     as holding it, so that nothing starts a second main beside it.
-    ``holder_probe`` may be shared between services (``status --all``).
+    ``holder_probe`` may be shared between services (``status --all``); a lock
+    file owned by someone outside ``owners`` is tampered (``read_slots``).
     """
-    reports, stale = read_slots(layout, locks.max_procs, locks.standby_max_procs, holder_probe)
+    reports, stale = read_slots(layout, locks.max_procs, locks.standby_max_procs, holder_probe, owners)
     if not (os.path.isdir(layout.lock_path) and os.path.isdir(layout.standby_lock_path)):
         # pid_dir (or a lock folder) was removed under running processes: every holder of the host is a candidate
         orphans = {(r.role, r.slot): r for r in orphaned_holders(layout)}
@@ -68,9 +69,14 @@ def lock_file_missing(layout: Layout, locks: LocksConfig) -> bool:
                for slot in range(1, count + 1))
 
 
-def read_slots(layout: Layout, max_procs: int, standby_max_procs: int,
-               holder_probe: HolderProbe | None = None) -> tuple[list[SlotReport], list[Stale]]:
-    """Every expected slot with its holder, plus the stale pid files found (lock files only)."""
+def read_slots(layout: Layout, max_procs: int, standby_max_procs: int, holder_probe: HolderProbe | None = None,
+               owners: frozenset[int] | None = None) -> tuple[list[SlotReport], list[Stale]]:
+    """Every expected slot with its holder, plus the stale pid files found (lock files only).
+
+    A slot whose lock file is a link, not a plain file, a hard link, or owned by
+    someone outside ``owners`` is reported with ``tampered`` set and no holder:
+    whoever holds the file it leads to is no process of ours, and is never
+    signalled (the service's user owns pid_dir and could plant it)."""
     holder_probe = holder_probe or HolderProbe()
     reports: list[SlotReport] = []
     stale: list[Stale] = []
@@ -78,10 +84,12 @@ def read_slots(layout: Layout, max_procs: int, standby_max_procs: int,
         for slot in range(1, count + 1):
             pid_file = read_pid_file(layout.pid_file(role.value, slot))
             hints = [pid_file.pid] if pid_file is not None else []
-            holder = holder_probe.holder(layout.lock_file(role.value, slot), hints)
+            path = layout.lock_file(role.value, slot)
+            holder, problem = holder_probe.inspect(path, hints, owners)
             notes = stale_notes(pid_file, holder, role, slot)
             stale.extend(notes)
-            reports.append(SlotReport(role, slot, holder, tuple(n.why for n in notes)))
+            reports.append(SlotReport(role, slot, holder, tuple(n.why for n in notes),
+                                      tampered=None if problem is None else f"lock file {path} {problem}"))
     return reports, stale
 
 

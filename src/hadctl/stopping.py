@@ -17,11 +17,12 @@ Imports control, errors, lean, locks.flock, model and probe; never click or rich
 """
 from __future__ import annotations
 
+import errno
 import os
 import time
 
 from . import lean, probe
-from .control import Service, remove, touch
+from .control import Service, refusal, remove, touch
 from .errors import ActionFailedError, NotPermittedError
 from .locks import flock
 from .model import Role, SlotReport
@@ -42,7 +43,7 @@ def targets(svc: Service, reports: list[SlotReport], role: Role) -> Targets:
             if target is None:
                 continue
             path = svc.layout.lock_file(role.value, report.slot)
-            if os.path.exists(path) and not flock.holds_path(report.pid, path):
+            if os.path.lexists(path) and not flock.holds_path(report.pid, path, svc.lock_owners):
                 svc.log.warn(f"pid {report.pid} no longer holds {report.label}: not signalled")
                 target.close()
                 continue
@@ -175,14 +176,20 @@ def wait_for_the_last(svc: Service) -> int:
     path = svc.layout.alive_lock
     if not os.path.exists(path):
         return 0  # no worker of this hadctl ever ran here (or HADaemon::Control's)
-    alive_lock = _file_key(path)
+    try:
+        alive_lock = _file_key(path)
+    except OSError as exc:  # planted by the service's user: said, and counted as a survivor
+        return _refused(svc, path, exc)
     for name in (None, "TERM", "KILL"):
         if name is not None:
             for target in [t for t in map(probe.open_target, _holders(alive_lock)) if t is not None]:
                 svc.log.warn(f"pid {target.pid} holds no slot but has not exited: SIG{name}")
                 target.signal(lean.signum(name), group=False)
                 target.close()
-        fd = flock.take_control(path, svc.cfg.signal_timeout)
+        try:
+            fd = flock.take_control(path, svc.cfg.signal_timeout)
+        except OSError as exc:  # swapped for a link meanwhile
+            return _refused(svc, path, exc)
         if fd is not None:
             os.close(fd)
             return 0
@@ -190,6 +197,15 @@ def wait_for_the_last(svc: Service) -> int:
     for pid in left:
         svc.say(f"pid {pid} (holding no slot) survived TERM and KILL", "Failed", ok=False)
     return len(left)
+
+
+def _refused(svc: Service, path: str, exc: OSError) -> int:
+    """The alive lock cannot be opened (a link planted in its place): one failed line
+    (what was stopped stays said), and 1 as the number of processes not waited for."""
+    why = str(refusal(f"cannot wait for the last process on {path}", exc)) if exc.errno == errno.ELOOP \
+        else f"cannot wait for the last process on {path}: {exc.strerror}"
+    svc.say(why, "Failed", ok=False)
+    return 1
 
 
 def _file_key(path: str) -> tuple[int, int, int]:

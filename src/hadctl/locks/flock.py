@@ -15,7 +15,12 @@ unexpected process needs ``/proc/locks`` (its first read costs 10-18 ms).
 ``FlockEngine`` is the flock implementation of the lock-engine protocol
 (locks/engine.py) for main slots.
 
-Imports lean and locks.engine from hadctl; the worker uses it. ``_thread``
+Who holds a slot is asked of the file hadctl itself opened (the device and
+inode of its own fd), never of a path looked up again; a lock file that is a
+link, not a plain file, a hard link or owned by a stranger is *tampered*
+(``tampered``, ``HolderProbe.inspect``) and nobody is named as its holder.
+
+Imports lean, safepath and locks.engine from hadctl; the worker uses it. ``_thread``
 rather than ``threading``: the worker imports this module, and threading pulls
 in enum and friends (about 1 MB of a standby's RSS).
 """
@@ -25,8 +30,10 @@ import _thread
 import errno
 import fcntl
 import os
+import stat
 
 from .. import lean
+from ..safepath import open_beneath
 from .engine import Engine, GaveUp
 
 if lean.TYPE_CHECKING:
@@ -44,7 +51,27 @@ def open_lock_file(path: str) -> int:
     and a link planted in pid_dir by the service's user must not make a root
     controller create or open files elsewhere.
     """
-    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    return open_beneath(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+
+
+def _open_to_read(path: str) -> int:
+    """Open a lock file to look at it: never through a link (safepath walks the
+    folders on the way as root) and never blocking (a FIFO planted in its place)."""
+    return open_beneath(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+
+
+def tampered(st: os.stat_result, owners: frozenset[int] | None = None) -> str | None:
+    """Why the file opened as a lock file is none hadctl or a worker made: not a
+    plain file, a second name of another file (a hard link: maybe another
+    service's lock, or a root daemon's), or owned by someone outside ``owners``.
+    None when it looks like ours."""
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    if st.st_nlink != 1:
+        return f"has {st.st_nlink} names (hard links)"
+    if owners is not None and st.st_uid not in owners:
+        return f"belongs to uid {st.st_uid}, neither root nor the service's user nor the folder's owner"
+    return None
 
 
 def note_holder(fd: int, pid: int) -> None:
@@ -89,10 +116,16 @@ def hold_shared(path: str) -> int | None:
 
 
 def holders_of(path: str) -> list[int]:
-    """Every process holding a flock on ``path`` through one of its fds (a /proc walk)."""
+    """Every process holding a flock on the file hadctl opens at ``path`` (a /proc walk)."""
     try:
-        st = os.stat(path)
+        fd = _open_to_read(path)
     except OSError:
+        return []
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if tampered(st) is not None:
         return []
     key = _file_key(st.st_dev, st.st_ino)
     return [int(name) for name in os.listdir("/proc") if name.isdigit() and holds(int(name), key)]
@@ -272,15 +305,21 @@ def _wait_readable(fd: int) -> bool:
 def lock_file_pid(path: str) -> int | None:
     """The pid a holder wrote into the lock file, if any (a hint only)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        fd = _open_to_read(path)
     except OSError:
         return None
     try:
-        text = os.read(fd, 32).split(b"\n", 1)[0].strip()
-    except OSError:
-        return None
+        return _pid_in(fd)
     finally:
         os.close(fd)
+
+
+def _pid_in(fd: int) -> int | None:
+    """The pid written on the first line of the open lock file ``fd``, if any."""
+    try:
+        text = os.pread(fd, 32, 0).split(b"\n", 1)[0].strip()
+    except OSError:
+        return None
     return int(text) if text.isdigit() and 1 < int(text) <= 4194304 else None  # layout.PID_MAX
 
 
@@ -324,8 +363,9 @@ def holds(pid: int, key: tuple[int, int, int]) -> bool:
     return False
 
 
-def _is_free(path: str) -> bool:
-    """True when nobody holds ``path``'s flock: a shared, non-blocking try on a fresh fd.
+def _is_free(fd: int) -> bool:
+    """True when nobody holds the flock of the file open as ``fd`` (our own open file,
+    fresh and of no one else): a shared, non-blocking try, undone when ``fd`` closes.
 
     Much cheaper than reading /proc/locks (10-18 ms the first time in a
     process). It holds a shared lock for a few microseconds when the slot is
@@ -334,15 +374,9 @@ def _is_free(path: str) -> bool:
     harmless (the worker takes another slot or waits).
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return False  # cannot tell this way; /proc/locks will
-    try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError:
         return False
-    finally:
-        os.close(fd)  # closing the only fd of this open file also drops its lock
     return True
 
 
@@ -354,13 +388,19 @@ def _search_holder(key: tuple[int, int, int]) -> int | None:
     return None
 
 
-def holds_path(pid: int, path: str) -> bool:
-    """True when ``pid`` holds the flock on the file at ``path``."""
+def holds_path(pid: int, path: str, owners: frozenset[int] | None = None) -> bool:
+    """True when ``pid`` holds the flock on the file hadctl opens at ``path`` (which
+    must look like a lock file hadctl made: see ``tampered``). The file is
+    identified by the fd opened here, never by a path looked up again."""
     try:
-        st = os.stat(path)
+        fd = _open_to_read(path)
     except OSError:
         return False
-    return holds(pid, _file_key(st.st_dev, st.st_ino))
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    return tampered(st, owners) is None and holds(pid, _file_key(st.st_dev, st.st_ino))
 
 
 class HolderProbe:
@@ -384,24 +424,45 @@ class HolderProbe:
         return self._table
 
     def holder(self, path: str, hints: list[int | None]) -> int | None:
-        """The pid holding ``path``'s flock, or None when the slot is free."""
+        """The pid holding ``path``'s flock, or None when the slot is free (or its
+        lock file is tampered with: see ``inspect``)."""
+        return self.inspect(path, hints)[0]
+
+    def inspect(self, path: str, hints: list[int | None],
+                owners: frozenset[int] | None = None) -> tuple[int | None, str | None]:
+        """``(holder, None)``: the pid holding the flock of the file hadctl opens at
+        ``path`` (None when free or missing); or ``(None, why)`` when that file is
+        a symbolic link or fails ``tampered``, so that nothing is ever signalled
+        through it. A holder holds *the file opened here* (same device and
+        inode as this fd), never whatever a path names when looked up again."""
         try:
-            st = os.stat(path)
-        except OSError:
-            return None
-        key = _file_key(st.st_dev, st.st_ino)
-        for pid in dict.fromkeys([lock_file_pid(path), *hints]):
-            if pid is not None and holds(pid, key):
-                return pid
-        if _is_free(path):
-            return None
+            fd = _open_to_read(path)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                if getattr(exc, "final", True):
+                    return None, "is a symbolic link"
+                return None, f"lies beyond the symbolic link {exc.filename}"
+            return None, None  # missing, or not ours to read: nobody we can name holds it
+        try:
+            st = os.fstat(fd)
+            problem = tampered(st, owners)
+            if problem is not None:
+                return None, problem
+            key = _file_key(st.st_dev, st.st_ino)
+            for pid in dict.fromkeys([_pid_in(fd), *hints]):
+                if pid is not None and holds(pid, key):
+                    return pid, None
+            if _is_free(fd):
+                return None, None
+        finally:
+            os.close(fd)
         listed = self._proc_locks().get(key)
         if listed is None or holds(listed, key):
-            return listed
+            return listed, None
         # /proc/locks names whoever took the lock; a child that inherited it (a main's
         # fork that kept the fd) holds it now. Find that process; else show the listed
         # pid, which callers re-check (holds_path) before they would ever signal it.
-        return _search_holder(key) or listed
+        return _search_holder(key) or listed, None
 
     def forget(self) -> None:
         """Drop the cached /proc/locks table (state has changed)."""
