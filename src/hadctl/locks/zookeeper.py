@@ -28,6 +28,7 @@ a worker only after the fork (kazoo starts threads).
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 import math
 import os
@@ -38,7 +39,7 @@ import time
 
 from kazoo.client import KazooClient
 from kazoo.exceptions import CancelledError, KazooException, NoNodeError
-from kazoo.handlers.threading import KazooTimeoutError
+from kazoo.handlers.threading import KazooTimeoutError, SequentialThreadingHandler
 from kazoo.protocol.states import EventType, KazooState
 from kazoo.recipe.lock import Lock
 from kazoo.retry import KazooRetry
@@ -56,6 +57,7 @@ if lean.TYPE_CHECKING:
     from ..spec import WorkerSpec
     from .engine import Waits
 
+_CANCEL_SIGNAL = lean.SIGUSR2  # breaks a thread's blocking flock (as in flock.SlotWaiter)
 _CONTENDER = re.compile(r"__lock__(-?\d{10})$")
 
 
@@ -84,19 +86,41 @@ class _ToLog(logging.Handler):
         self.hadctl_log.warn(f"zookeeper: {message}")
 
 
-def _client(hosts: str, session_timeout: float, fence_grace: float, log: Any) -> KazooClient:
-    """A kazoo client that reconnects quickly (every 0.25 s at most while a server is down)
-    and never waits longer than ``_attempt_timeout`` for one server's answer."""
+def _client(hosts: str, session_timeout: float, attempt: float, log: Any) -> KazooClient:
+    """A kazoo client that reconnects quickly (every 0.25 s at most while a server is
+    down) and never waits longer than ``attempt`` seconds for one server: neither for
+    its TCP connection (``_BoundedHandler``) nor for its answer to the handshake
+    (``_listed_for_attempts``)."""
     logger = logging.getLogger(f"hadctl.kazoo.{os.getpid()}")
     logger.propagate = False
     if not logger.handlers:
         logger.addHandler(_ToLog(log))
     retry = KazooRetry(max_tries=-1, delay=0.05, backoff=2, max_jitter=0.2, max_delay=0.25)
-    listed = _listed_for_attempts(hosts, session_timeout / _attempt_timeout(fence_grace))
+    listed = _listed_for_attempts(hosts, session_timeout / attempt)
     try:
-        return KazooClient(hosts=listed, timeout=session_timeout, connection_retry=retry, logger=logger)
+        return KazooClient(hosts=listed, timeout=session_timeout, connection_retry=retry, logger=logger,
+                           handler=_BoundedHandler(attempt))
     except ValueError as exc:  # kazoo parses "host:port,host:port[/chroot]" here
         raise UnreachableError(f"invalid ZooKeeper hosts {hosts!r} (locks.hosts): {exc}") from None
+
+
+class _BoundedHandler(SequentialThreadingHandler):  # type: ignore[misc]  # kazoo is untyped
+    """kazoo's handler, whose TCP connections give up after ``attempt`` seconds.
+
+    kazoo opens each connection with the whole session timeout as its limit: a
+    server cut off without a RST (its SYNs dropped) holds the client that long
+    before the next server is tried, which eats a controller's connect budget and
+    a reconnecting main's fence_grace. ``create_connection`` is the handler's
+    public hook for that call."""
+
+    def __init__(self, attempt: float) -> None:
+        super().__init__()
+        self.attempt = attempt
+
+    def create_connection(self, *args: Any, **kwargs: Any) -> Any:
+        timeout = kwargs.get("timeout")
+        kwargs["timeout"] = self.attempt if timeout is None else min(timeout, self.attempt)
+        return super().create_connection(*args, **kwargs)
 
 
 def _attempt_timeout(fence_grace: float) -> float:
@@ -118,18 +142,32 @@ def _listed_for_attempts(hosts: str, attempts: float) -> str:
     cuts every attempt to 1/k of that, through kazoo's public interface.
     """
     servers, slash, chroot = hosts.partition("/")
-    count = len([s for s in servers.split(",") if s.strip()]) or 1
+    count = _server_count(hosts)
     repeat = max(1, min(20, math.ceil(attempts / count)))
     return ",".join([servers] * repeat) + slash + chroot
 
 
+def _server_count(hosts: str) -> int:
+    return len([s for s in hosts.partition("/")[0].split(",") if s.strip()]) or 1
+
+
 def _connect(client: KazooClient, hosts: str, timeout: float) -> None:
+    """Start ``client`` within ``timeout`` seconds, or UnreachableError. On failure the
+    client is stopped in a thread of its own: stopping waits for the connection
+    attempt under way, which the caller, about to fail, must not wait for."""
     try:
         client.start(timeout=timeout)
     except KazooTimeoutError:
+        threading.Thread(target=_stop_quietly, args=(client,), daemon=True, name="kazoo-stop").start()
+        raise UnreachableError(f"cannot connect to ZooKeeper at {hosts} within {timeout:g} s") from None
+
+
+def _stop_quietly(client: KazooClient) -> None:
+    try:
         client.stop()
         client.close()
-        raise UnreachableError(f"cannot connect to ZooKeeper at {hosts} within {timeout:g} s") from None
+    except Exception:  # noqa: BLE001 - a client we gave up on; the process ends its socket anyway
+        pass
 
 
 def _lowest(children: Iterable[str]) -> str | None:
@@ -143,6 +181,39 @@ def _parse_holder(data: bytes) -> tuple[str, int | None]:
     text = data.decode("utf-8", "replace").strip()
     host, _, pid = text.rpartition(" ")
     return (host, int(pid)) if pid.isdigit() else (text, None)
+
+
+class Holder:
+    """The lowest contender node of a slot: who holds it, since when, with which token."""
+
+    __slots__ = ("path", "host", "pid", "czxid", "created")
+
+    def __init__(self, path: str, host: str, pid: int | None, czxid: int, created: float) -> None:
+        self.path = path  # the node's full path
+        self.host = host
+        self.pid = pid
+        self.czxid = czxid  # the fencing token
+        self.created = created  # the node's ctime, seconds since the epoch (the server's clock)
+
+
+def read_holder(client: KazooClient, path: str, watch: Callable[[Any], None] | None = None) -> Holder | None:
+    """The holder of the lock at ``path`` (None: nobody holds it); ``watch`` is called
+    once when the contenders change (kazoo's children watch)."""
+    for _attempt in range(5):  # the lowest node may go between listing and reading it
+        try:
+            children = client.get_children(path, watch=watch)
+        except NoNodeError:
+            return None
+        lowest = _lowest(children)
+        if lowest is None:
+            return None
+        try:
+            data, stat = client.get(f"{path}/{lowest}")
+        except NoNodeError:
+            continue
+        host, pid = _parse_holder(data)
+        return Holder(f"{path}/{lowest}", host, pid, int(stat.czxid), stat.ctime / 1000.0)
+    return None
 
 
 # ===================================================================== the engine
@@ -173,7 +244,8 @@ class ZooKeeperEngine(Engine):
         """Open the session; EngineError after ``session_timeout`` seconds without a server."""
         spec = self.spec
         try:
-            self.client = _client(self.hosts, spec.locks_session_timeout, spec.locks_fence_grace, self.log)
+            self.client = _client(self.hosts, spec.locks_session_timeout,
+                                  _attempt_timeout(spec.locks_fence_grace), self.log)
             _connect(self.client, self.hosts, spec.locks_session_timeout)
         except UnreachableError as exc:
             self.client = None
@@ -256,9 +328,11 @@ class ZooKeeperEngine(Engine):
                 self.log.info("standby: ZooKeeper connection back; looking at the main slots again")
                 for lock in list(self.locks.values()):
                     lock.wake_event.set()
+                takeover.look_again()
             return False  # stay registered
 
         client.add_listener(reconnected)
+        takeover = Takeover(self, slots)
         try:
             for slot in slots:
                 thread = threading.Thread(target=contend, args=(slot,), daemon=True, name=f"slot-{slot}")
@@ -281,6 +355,7 @@ class ZooKeeperEngine(Engine):
                             won = int(word)
             return won
         finally:
+            takeover.stop()  # before the local lock is taken: none of its threads may hold it then
             client.remove_listener(reconnected)
             self._cancel_others(threads, keep=won)
             os.close(read_fd)
@@ -452,6 +527,150 @@ class ZooKeeperEngine(Engine):
                 self.log.info(f"deleted {path}, left behind by an exited process")
         except KazooException as exc:
             self.log.warn(f"cannot delete the lock nodes of pids {pids}: {exc!r}")
+
+
+class Takeover:
+    """Same-host takeover: a standby ends the wait for a dead main of its own host at once.
+
+    A SIGKILLed main cannot close its session, so its lock node would hold the slot
+    until ZooKeeper expires the session (``session_timeout``). But on its own host its
+    death is known at once: the kernel frees its local flock ``LOCKS/N.lock``.
+
+    So while ZooKeeper names a process of this host (not us) as slot N's holder, one
+    thread per slot blocks in ``flock(LOCK_EX)`` on that file (no wake-ups while the
+    main lives), and otherwise on a children watch of the slot. When it gets the
+    flock, no process of this host is main of N any more; holding it, it reads the
+    holder again and, when that node names this host and a process that is gone
+    (``owner_gone``: dead, or its pid now names a younger process), deletes the node.
+    Then it frees the flock. The next contender in ZooKeeper's line gets the slot,
+    with a new node, so a larger czxid (fencing token); if that is us, our local
+    flock is free and we are main within milliseconds.
+
+    The local flock decides which of this host's standbys looks: only its holder
+    deletes, and a node is deleted only by its full path, never the new holder's.
+    The dead main's session lives on in ZooKeeper until it expires, but no process
+    is left to speak for it: nothing can re-create the node or act as holder.
+    """
+
+    def __init__(self, engine: ZooKeeperEngine, slots: list[int]) -> None:
+        import ctypes
+
+        self.engine = engine
+        self.client = engine._session()
+        self.me = engine.spec.host_id
+        self.stopping = False
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.changed = {slot: threading.Event() for slot in slots}
+        self.previous = lean.set_handler(_CANCEL_SIGNAL, _ignore_signal)
+        self.threads = [threading.Thread(target=self._watch, args=(slot,), daemon=True, name=f"takeover-{slot}")
+                        for slot in slots]
+        for thread in self.threads:
+            thread.start()
+
+    def look_again(self) -> None:
+        """Watches may be lost across a reconnection: look at every slot again."""
+        for event in self.changed.values():
+            event.set()
+
+    def stop(self) -> None:
+        """End every thread (a blocked flock is broken by a signal); returns once they have."""
+        self.stopping = True
+        self.look_again()
+        for thread in self.threads:
+            while thread.is_alive():
+                if thread.ident is not None:
+                    try:
+                        lean.pthread_kill(thread.ident, _CANCEL_SIGNAL)
+                    except ProcessLookupError:
+                        break
+                thread.join(0.001)
+        lean.set_handler(_CANCEL_SIGNAL, self.previous)
+
+    def _watch(self, slot: int) -> None:
+        engine = self.engine
+        path = engine.layout.lock_file("main", slot)
+        node = slot_path(engine.spec.locks_root, engine.spec.name, slot)
+        changed = self.changed[slot]
+        fd = flock.open_lock_file(path)
+        try:
+            while not self.stopping:
+                changed.clear()
+                try:
+                    found = read_holder(self.client, node, watch=lambda _event: changed.set())
+                except KazooException:
+                    changed.wait(0.25)  # no session just now; the reconnection wakes us too
+                    continue
+                if found is None or found.host != self.me or found.pid == engine.pid:
+                    changed.wait()
+                    continue
+                if self.libc.flock(fd, fcntl.LOCK_EX) != 0:
+                    continue  # EINTR: stop() wants us out
+                try:
+                    deleted = self._take_over(slot, node, path)
+                finally:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                if not deleted:
+                    # The holder lives without the local flock: a new main of this host about
+                    # to take it. Look again when the line changes, or soon.
+                    changed.wait(0.05)
+        except Exception as exc:  # noqa: BLE001 - the session's expiry still frees the slot
+            engine.log.warn(f"standby: same-host takeover of main slot {slot} stopped: {type(exc).__name__}: {exc}")
+        finally:
+            os.close(fd)
+
+    def _take_over(self, slot: int, node: str, path: str) -> bool:
+        """We hold ``path``'s flock: delete the slot's lock node if it names a process of
+        this host that is gone. True when deleted."""
+        try:
+            found = read_holder(self.client, node)  # again: the line may have moved meanwhile
+        except KazooException:
+            return False
+        if found is None or found.host != self.me or found.pid is None or found.pid == self.engine.pid:
+            return False
+        if not owner_gone(found.pid, found.created):
+            return False
+        try:
+            self.client.delete(found.path)
+        except NoNodeError:
+            return True  # its session ended meanwhile, or another standby was first
+        except KazooException:
+            return False
+        self.engine.log.info(f"main slot {slot}: pid {found.pid} of this host, which held {found.path}, is gone "
+                             f"(its local lock {path} is free); deleted its lock node rather than wait "
+                             f"{self.engine.spec.locks_session_timeout:g} s for its session to expire")
+        return True
+
+
+def _ignore_signal(_signum: int, _frame: object) -> None:
+    """Handler of the cancel signal: its only job is to interrupt a blocked flock."""
+
+
+_BOOT: list[float] = []
+
+
+def owner_gone(pid: int, created: float) -> bool:
+    """True when process ``pid`` of this host, named by a lock node made at ``created``
+    (epoch seconds), is gone: dead (a zombie counts), or its pid now names a process
+    that started after the node was made (the pid was reused, so the maker is dead).
+
+    Start times come from /proc (``probe.proc_stat``: clock ticks since boot, plus
+    the boot time); ``created`` is the server's clock, so 2 s of margin cover
+    btime's whole seconds and clock skew: within it a live pid counts as the maker,
+    and the slot waits for the session to expire, as before.
+    """
+    from ..probe import proc_stat
+
+    found = proc_stat(pid)
+    if found is None or found.state in ("Z", "X"):
+        return True
+    if not _BOOT:
+        try:
+            with open("/proc/stat", "rb") as handle:
+                _BOOT.append(next(float(line.split()[1]) for line in handle if line.startswith(b"btime ")))
+        except (OSError, StopIteration, ValueError, IndexError):
+            return False
+    started = _BOOT[0] + found.starttime / os.sysconf("SC_CLK_TCK")
+    return started > created + 2.0
 
 
 class _errors:
@@ -645,29 +864,19 @@ class View:
     def __init__(self, spec: WorkerSpec, log: Any, timeout: float | None = None) -> None:
         self.spec = spec
         self.hosts = spec.locks_hosts or ""
-        self.client = _client(self.hosts, spec.locks_session_timeout, spec.locks_fence_grace, log)
-        _connect(self.client, self.hosts, spec.locks_session_timeout if timeout is None else timeout)
+        budget = spec.locks_session_timeout if timeout is None else timeout
+        # Every server gets its try within the budget: a silent one costs its share only.
+        attempt = min(_attempt_timeout(spec.locks_fence_grace), max(0.25, 0.8 * budget / _server_count(self.hosts)))
+        self.client = _client(self.hosts, spec.locks_session_timeout, attempt, log)
+        _connect(self.client, self.hosts, budget)
 
     def path(self, slot: int) -> str:
         return slot_path(self.spec.locks_root, self.spec.name, slot)
 
     def holder(self, slot: int) -> tuple[str, int | None, int] | None:
         """(host, pid, czxid) of the slot's holder, or None when nobody holds it."""
-        for _attempt in range(5):  # the lowest node may go between listing and reading it
-            try:
-                children = self.client.get_children(self.path(slot))
-            except NoNodeError:
-                return None
-            lowest = _lowest(children)
-            if lowest is None:
-                return None
-            try:
-                data, stat = self.client.get(f"{self.path(slot)}/{lowest}")
-            except NoNodeError:
-                continue
-            host, pid = _parse_holder(data)
-            return host, pid, int(stat.czxid)
-        return None
+        found = read_holder(self.client, self.path(slot))
+        return None if found is None else (found.host, found.pid, found.czxid)
 
     def delete_nodes_of(self, host: str, pids: set[int]) -> list[str]:
         """Delete every contender node (any slot) whose data names ``host`` and one of ``pids``."""
