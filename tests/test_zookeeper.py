@@ -396,6 +396,33 @@ def test_leader_of_an_ensemble_killed_fails_nothing_over(tmp_path, hosts):
             server.stop()
 
 
+# ----------------------------------------------------------------- status
+
+
+def test_status_asks_zookeeper_only_for_main_slots_this_host_does_not_hold(zookeeper, hosts):
+    # The server frozen (SIGSTOP: it answers nothing): A holds its main slot locally, so its
+    # status needs no ZooKeeper; B cannot know who holds the slot: Unknown, LSB status 4.
+    a = hosts("A", zookeeper.address, standbys=1, session_timeout=10, fence_grace=7)
+    b = hosts("B", zookeeper.address, standbys=1, session_timeout=10, fence_grace=7)
+    a.run("start", check=True)
+    b.run("start", check=True)
+    main = a.pid_of("main")
+    wait_until(lambda: entered(a, main), 5, "A's main inside the function")
+    assert b.main_slot()["host"] == "A"
+    zookeeper.process.send_signal(signal.SIGSTOP)
+    try:
+        mine = a.run("status", "--json", check=True)
+        assert '"host": "A"' in mine.stdout and f'"pid": {main}' in mine.stdout
+        theirs = b.run("status", check=4)
+    finally:
+        zookeeper.process.send_signal(signal.SIGCONT)
+    assert "main #1 [Unknown]" in theirs.stdout + theirs.stderr
+    assert "[Not Running]" not in theirs.stdout + theirs.stderr  # B's standby runs; its main slot is unknown
+    assert "cannot connect to ZooKeeper" in theirs.stdout + theirs.stderr
+    wait_until(lambda: b.main_slot()["host"] == "A", 10, "B's status to see A's main again")
+    assert " fenced: " not in a.log_text()
+
+
 # ----------------------------------------------------------------- errors
 
 
