@@ -330,6 +330,9 @@ def test_a_host_cut_off_from_zookeeper_fences_its_main_before_the_other_host_tak
         # A's user code stops at the latest 0.85 T after the last reply it read from the server,
         # before ZooKeeper can expire its session (T after that) and give the slot away.
         assert last_a - cut < 0.85 * T + 0.15, f"A ran {last_a - cut:.3f} s after the cut"
+        # Fenced while its session may still live: told first (SIGTERM), so the function returned.
+        assert "SIGTERM to process group" in a.log_text()
+        assert [int(line[1]) for line in entries(a, "exit")] == [main]
         assert last_a < first_b, f"overlap: A ticked {last_a - first_b:.3f} s after B entered"
         assert token_of(b, standby) > token_of(a, main)
     finally:

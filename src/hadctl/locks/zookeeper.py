@@ -724,12 +724,19 @@ class Fence:
     are observed by wrapping kazoo's ``ConnectionHandler._read_header``; a kazoo
     without it leaves the lease off, and says so in the log.)
 
-    Fencing is SIGKILL to the main's own process group (it is in its own group,
-    see spawn.py), so the program and its children stop running user code at
-    once; nothing is cleaned up but the pid file.
+    Fencing ends the main's own process group (it is in its own group, see
+    spawn.py); nothing is cleaned up but the pid file. While the session may still
+    be valid in ZooKeeper (fence_grace over, or the lease), the program is told
+    first: SIGTERM to the group, then SIGKILL ``TOLD`` x session_timeout later, but
+    never later than ``LAST`` x session_timeout after the last reply read, so the
+    group is gone before the server could expire the session and give the slot
+    away. When the slot may already be another's (session lost, our node deleted),
+    SIGKILL at once.
     """
 
     LEASE = 0.85  # of session_timeout; the rest covers the round trip and the kill
+    TOLD = 0.1  # of session_timeout: from SIGTERM to SIGKILL at most
+    LAST = 0.95  # of session_timeout after the last reply: SIGKILL by then whatever happens
 
     def __init__(self, client: KazooClient, node_path: str, slot: int, grace: float, session_timeout: float,
                  log: Any, forget_pid_file: Callable[[], None]) -> None:
@@ -738,6 +745,7 @@ class Fence:
         self.slot = slot
         self.grace = grace
         self.lease = session_timeout * self.LEASE
+        self.session_timeout = session_timeout
         self.log = log
         self.forget_pid_file = forget_pid_file
         self.armed = False
@@ -791,7 +799,8 @@ class Fence:
         while True:
             left = self.heard + self.lease - time.monotonic()
             if left <= 0:
-                self.fire(f"nothing heard from ZooKeeper for {self.lease:g} s ({self.LEASE:g} x session_timeout)")
+                self.fire(f"nothing heard from ZooKeeper for {self.lease:g} s ({self.LEASE:g} x session_timeout)",
+                          tell=True)
                 return
             if self.stopped.wait(left):
                 return
@@ -837,16 +846,28 @@ class Fence:
             self.timer = None
             if not self.armed or self.client.state == KazooState.CONNECTED:
                 return
-        self.fire(f"no ZooKeeper server answered for {self.grace:g} s (fence_grace)")
+        self.fire(f"no ZooKeeper server answered for {self.grace:g} s (fence_grace)", tell=True)
 
-    def fire(self, reason: str) -> None:
-        """SIGKILL our process group, then ourselves: never returns while armed."""
+    def fire(self, reason: str, tell: bool = False) -> None:
+        """End our process group, then ourselves: never returns while armed. With
+        ``tell``, SIGTERM first and SIGKILL at the bound (see the class docstring)."""
         with self.guard:
             if not self.armed:
                 return
             self.armed = False
-        self.log.error(f"main #{self.slot} fenced: {reason}; SIGKILL to process group {self.pgid}")
+        now = time.monotonic()
+        kill_at = min(now + self.TOLD * self.session_timeout, self.heard + self.LAST * self.session_timeout)
+        told = tell and kill_at - now > 0.005
+        then = f"SIGTERM to process group {self.pgid}, SIGKILL in {kill_at - now:.3f} s" if told else \
+            f"SIGKILL to process group {self.pgid}"
+        self.log.error(f"main #{self.slot} fenced: {reason}; {then}")
         self.forget_pid_file()
+        if told:
+            try:
+                os.killpg(self.pgid, lean.SIGTERM)
+            except OSError:
+                pass
+            time.sleep(max(0.0, kill_at - time.monotonic()))  # the program's time to wind down
         try:
             os.killpg(self.pgid, lean.SIGKILL)
         except OSError:
