@@ -479,3 +479,17 @@ def test_the_private_kazoo_names_hadctl_relies_on_are_still_there():
     assert "self._retry.copy()" in inspect.getsource(Lock.acquire)
     assert callable(getattr(ConnectionHandler, "_read_header", None))
     assert isinstance(client._connection, ConnectionHandler)
+
+
+def test_a_lock_nodes_owner_is_gone_when_dead_or_when_its_pid_is_younger_than_the_node():
+    import subprocess
+    import sys
+
+    from hadctl.locks.zookeeper import owner_gone
+
+    now = time.time()
+    assert not owner_gone(os.getpid(), now)  # alive, started before the node was made
+    assert owner_gone(os.getpid(), now - 10 * 365 * 86400)  # this pid's process is younger: reused
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert owner_gone(child.pid, now)  # dead (reaped)
