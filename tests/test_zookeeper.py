@@ -7,6 +7,7 @@ and CLOCK_MONOTONIC is shared, so the ledger shows who ran user code when.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import time
@@ -222,7 +223,7 @@ def overlaps(host: Host) -> list[str]:
         spans[pid] = (min(first, moment), max(last, moment))
     ordered = sorted(spans.items(), key=lambda item: item[1][0])
     return [f"pid {later} entered {end - start:.3f} s before pid {pid} stopped"
-            for (pid, (_s, end)), (later, (start, _e)) in zip(ordered, ordered[1:]) if start <= end]
+            for (pid, (_s, end)), (later, (start, _e)) in itertools.pairwise(ordered) if start <= end]
 
 
 LONG = 20.0  # the longest session this server allows: a takeover that waited for it would show

@@ -780,7 +780,7 @@ class Bench:
                 watch.drain()
                 killed_at = time.monotonic()
                 os.kill(main, signal.SIGKILL)
-                entered = watch.wait_for(lambda: a.entered().get(standby), timeout + 10,
+                entered = watch.wait_for(lambda pid=standby: a.entered().get(pid), timeout + 10,
                                          f"standby {standby} inside the function after main {main} was killed")
                 failovers.append((entered - killed_at) * 1000)
             wait_until(ready, 30, "A's main in its function, its standby in line")

@@ -25,7 +25,8 @@ Controller side:
 signal break a blocking call lives once, in worker.py, and engines call it.
 
 Imports lean only; the worker imports it. kazoo is imported only by
-locks/zookeeper.py, which the factories import only for ``engine = "zookeeper"``.
+locks/zookeeper.py, which the factories import only for ``engine = "zookeeper"``,
+and a controller only once ZooKeeper must be asked (``ZooKeeperController``).
 """
 from __future__ import annotations
 

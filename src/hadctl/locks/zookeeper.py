@@ -13,12 +13,17 @@ standbys), and a process holding ZooKeeper slot N also holds the local flock
 restart, reload, which read local locks) sees local mains unchanged. ``status``
 asks ZooKeeper too (``ZooKeeperEngine.status_slots``), to show slots held by other hosts.
 
+A main SIGKILLed on this host leaves its node until its session expires; a
+standby of the same host frees the slot at once (``Takeover``: the main's local
+flock tells it the main is gone). Standbys of other hosts wait for the expiry.
+
 Fencing: a main whose session is SUSPENDED for longer than ``fence_grace``, or
 LOST, or whose lock node vanishes, or that heard nothing from the server for
 0.85 x session_timeout (a lease: the server cannot expire the session sooner),
-SIGKILLs its own process group at once (``Fence``). The fencing token, the lock node's czxid, grows with each new holder
-of a slot (a node created later has a larger zxid); it reaches the program as
-``$HADCTL_FENCING_TOKEN`` and ``hadctl.fencing_token()``.
+ends its own process group (``Fence``: SIGTERM then SIGKILL while the session may
+be valid, else SIGKILL at once). The fencing token, the lock node's czxid, grows
+with each new holder of a slot (a node created later has a larger zxid); it
+reaches the program as ``$HADCTL_FENCING_TOKEN`` and ``hadctl.fencing_token()``.
 
 ``ZooKeeperEngine`` is this engine's side of the protocol in locks/engine.py.
 Imports kazoo (nowhere else in hadctl does) and, from hadctl, lean, locks.engine,
@@ -49,9 +54,9 @@ from . import flock
 from .engine import Engine, EngineError, GaveUp
 
 if lean.TYPE_CHECKING:
-    from typing import Any, Callable, Iterable
+    from collections.abc import Callable, Iterable
+    from typing import Any
 
-    from ..config import ServiceConfig
     from ..layout import Layout
     from ..model import SlotReport
     from ..spec import WorkerSpec
@@ -166,7 +171,7 @@ def _stop_quietly(client: KazooClient) -> None:
     try:
         client.stop()
         client.close()
-    except Exception:  # noqa: BLE001 - a client we gave up on; the process ends its socket anyway
+    except Exception:
         pass
 
 
@@ -312,7 +317,7 @@ class ZooKeeperEngine(Engine):
                 got = self.lock(slot).acquire(blocking=True)
             except CancelledError:
                 return
-            except Exception as exc:  # noqa: BLE001 - reported to the main thread, which leaves
+            except Exception as exc:
                 self.log.error(f"waiting for main slot {slot} in ZooKeeper failed: {type(exc).__name__}: {exc}")
                 got = False
             os.write(write_fd, f"{slot if got else 0}\n".encode())
@@ -439,7 +444,7 @@ class ZooKeeperEngine(Engine):
         try:
             self.client.stop()
             self.client.close()
-        except Exception as exc:  # noqa: BLE001 - leaving anyway; the session expires on its own
+        except Exception as exc:
             self.log.warn(f"closing the ZooKeeper session: {exc!r}")
 
     # ------------------------------------------------------------ controller
@@ -613,7 +618,7 @@ class Takeover:
                     # The holder lives without the local flock: a new main of this host about
                     # to take it. Look again when the line changes, or soon.
                     changed.wait(0.05)
-        except Exception as exc:  # noqa: BLE001 - the session's expiry still frees the slot
+        except Exception as exc:
             engine.log.warn(f"standby: same-host takeover of main slot {slot} stopped: {type(exc).__name__}: {exc}")
         finally:
             os.close(fd)
@@ -832,7 +837,7 @@ class Fence:
     def _check_node(self, result: Any) -> None:
         try:
             stat = result.get_nowait()
-        except Exception:  # noqa: BLE001 - lost again meanwhile: the state listener decides
+        except Exception:
             return
         if stat is None:
             self.fire("our lock node was deleted")
@@ -932,7 +937,7 @@ def _close_views() -> None:
     for view in _views.values():
         try:
             view.close()
-        except Exception:  # noqa: BLE001 - exiting; the session ends with us anyway
+        except Exception:
             pass
     _views.clear()
 
