@@ -201,19 +201,21 @@ class Holder:
         self.created = created  # the node's ctime, seconds since the epoch (the server's clock)
 
 
-def read_holder(client: KazooClient, path: str, watch: Callable[[Any], None] | None = None) -> Holder | None:
+def read_holder(client: KazooClient, path: str, watch: Callable[[Any], None] | None = None,
+                timeout: float | None = None) -> Holder | None:
     """The holder of the lock at ``path`` (None: nobody holds it); ``watch`` is called
-    once when the contenders change (kazoo's children watch)."""
+    once when the contenders change (kazoo's children watch). With ``timeout``, each
+    call waits at most that long (KazooTimeoutError), even while the connection is down."""
     for _attempt in range(5):  # the lowest node may go between listing and reading it
         try:
-            children = client.get_children(path, watch=watch)
+            children = client.get_children_async(path, watch=watch).get(timeout=timeout)
         except NoNodeError:
             return None
         lowest = _lowest(children)
         if lowest is None:
             return None
         try:
-            data, stat = client.get(f"{path}/{lowest}")
+            data, stat = client.get_async(f"{path}/{lowest}").get(timeout=timeout)
         except NoNodeError:
             continue
         host, pid = _parse_holder(data)
@@ -557,6 +559,8 @@ class Takeover:
     is left to speak for it: nothing can re-create the node or act as holder.
     """
 
+    STEP = 0.5  # seconds: the longest wait for one ZooKeeper call while holding the flock
+
     def __init__(self, engine: ZooKeeperEngine, slots: list[int]) -> None:
         import ctypes
 
@@ -625,20 +629,25 @@ class Takeover:
 
     def _take_over(self, slot: int, node: str, path: str) -> bool:
         """We hold ``path``'s flock: delete the slot's lock node if it names a process of
-        this host that is gone. True when deleted."""
+        this host that is gone. True when deleted.
+
+        Every call is bounded (``STEP``): a new main of this host waits for the
+        flock we hold, and kills its holder after fence_grace + 1 s."""
+        if self.client.state != KazooState.CONNECTED:
+            return False
         try:
-            found = read_holder(self.client, node)  # again: the line may have moved meanwhile
-        except KazooException:
+            found = read_holder(self.client, node, timeout=self.STEP)  # again: the line may have moved
+        except (KazooException, KazooTimeoutError):
             return False
         if found is None or found.host != self.me or found.pid is None or found.pid == self.engine.pid:
             return False
         if not owner_gone(found.pid, found.created):
             return False
         try:
-            self.client.delete(found.path)
+            self.client.delete_async(found.path).get(timeout=self.STEP)
         except NoNodeError:
             return True  # its session ended meanwhile, or another standby was first
-        except KazooException:
+        except (KazooException, KazooTimeoutError):
             return False
         self.engine.log.info(f"main slot {slot}: pid {found.pid} of this host, which held {found.path}, is gone "
                              f"(its local lock {path} is free); deleted its lock node rather than wait "
