@@ -171,7 +171,7 @@ def _stop_quietly(client: KazooClient) -> None:
     try:
         client.stop()
         client.close()
-    except Exception:
+    except Exception:  # a client we gave up on; the process ends its socket anyway
         pass
 
 
@@ -319,7 +319,7 @@ class ZooKeeperEngine(Engine):
                 got = self.lock(slot).acquire(blocking=True)
             except CancelledError:
                 return
-            except Exception as exc:
+            except Exception as exc:  # reported to the main thread, which leaves
                 self.log.error(f"waiting for main slot {slot} in ZooKeeper failed: {type(exc).__name__}: {exc}")
                 got = False
             os.write(write_fd, f"{slot if got else 0}\n".encode())
@@ -446,7 +446,7 @@ class ZooKeeperEngine(Engine):
         try:
             self.client.stop()
             self.client.close()
-        except Exception as exc:
+        except Exception as exc:  # leaving anyway; the session expires on its own
             self.log.warn(f"closing the ZooKeeper session: {exc!r}")
 
     # ------------------------------------------------------------ controller
@@ -622,7 +622,7 @@ class Takeover:
                     # The holder lives without the local flock: a new main of this host about
                     # to take it. Look again when the line changes, or soon.
                     changed.wait(0.05)
-        except Exception as exc:
+        except Exception as exc:  # the session's expiry still frees the slot
             engine.log.warn(f"standby: same-host takeover of main slot {slot} stopped: {type(exc).__name__}: {exc}")
         finally:
             os.close(fd)
@@ -846,7 +846,7 @@ class Fence:
     def _check_node(self, result: Any) -> None:
         try:
             stat = result.get_nowait()
-        except Exception:
+        except Exception:  # lost again meanwhile: the state listener decides
             return
         if stat is None:
             self.fire("our lock node was deleted")
@@ -946,7 +946,7 @@ def _close_views() -> None:
     for view in _views.values():
         try:
             view.close()
-        except Exception:
+        except Exception:  # exiting; the session ends with us anyway
             pass
     _views.clear()
 
