@@ -604,6 +604,8 @@ class Takeover:
         try:
             while not self.stopping:
                 changed.clear()
+                if self.stopping:  # stop() set the event just before our clear(): it is lost
+                    break
                 try:
                     found = read_holder(self.client, node, watch=lambda _event: changed.set())
                 except KazooException:
@@ -615,7 +617,7 @@ class Takeover:
                 if self.libc.flock(fd, fcntl.LOCK_EX) != 0:
                     continue  # EINTR: stop() wants us out
                 try:
-                    deleted = self._take_over(slot, node, path)
+                    deleted = self._take_over(slot, node, path, None if changed.is_set() else found)
                 finally:
                     fcntl.flock(fd, fcntl.LOCK_UN)
                 if not deleted:
@@ -627,18 +629,24 @@ class Takeover:
         finally:
             os.close(fd)
 
-    def _take_over(self, slot: int, node: str, path: str) -> bool:
+    def _take_over(self, slot: int, node: str, path: str, found: Holder | None) -> bool:
         """We hold ``path``'s flock: delete the slot's lock node if it names a process of
         this host that is gone. True when deleted.
+
+        ``found`` is the holder read before the wait when the line has not changed
+        since (else None: read it again). Even a stale one is safe to act on: a
+        node's path is unique and its data never changes, so deleting the node of a
+        process that is gone can never remove a live holder's.
 
         Every call is bounded (``STEP``): a new main of this host waits for the
         flock we hold, and kills its holder after fence_grace + 1 s."""
         if self.client.state != KazooState.CONNECTED:
             return False
-        try:
-            found = read_holder(self.client, node, timeout=self.STEP)  # again: the line may have moved
-        except (KazooException, KazooTimeoutError):
-            return False
+        if found is None:
+            try:
+                found = read_holder(self.client, node, timeout=self.STEP)
+            except (KazooException, KazooTimeoutError):
+                return False
         if found is None or found.host != self.me or found.pid is None or found.pid == self.engine.pid:
             return False
         if not owner_gone(found.pid, found.created):
