@@ -62,7 +62,9 @@ if lean.TYPE_CHECKING:
     from ..spec import WorkerSpec
     from .engine import Waits
 
-_CANCEL_SIGNAL = lean.SIGUSR2  # breaks a thread's blocking flock (as in flock.SlotWaiter)
+# Breaks a takeover thread's blocking flock. Not USR2 (flock.SlotWaiter's): that is
+# reopen_signal's default, which a waiting standby must still be able to receive.
+_CANCEL_SIGNAL = lean.signum("RTMIN")
 _CONTENDER = re.compile(r"__lock__(-?\d{10})$")
 
 
