@@ -264,12 +264,14 @@ def test_the_flock_controller_engine_loads_neither_kazoo_nor_the_spec(tmp_path):
 def test_the_zookeeper_engines_are_built_without_a_session(tmp_path):
     pytest.importorskip("kazoo", reason="the ZooKeeper engine needs kazoo")
     from hadctl.layout import Layout
-    from hadctl.locks.engine import controller_engine, worker_engine
+    from hadctl.locks.engine import ZooKeeperController, controller_engine, worker_engine
     from hadctl.locks.zookeeper import ZooKeeperEngine
 
     cfg = _config(tmp_path, '[locks]\nengine = "zookeeper"\nhosts = "127.0.0.1:1"\n')
     engine = controller_engine(cfg, None)
-    assert isinstance(engine, ZooKeeperEngine) and engine.client is None
+    assert isinstance(engine, ZooKeeperController)
+    real = engine._zookeeper()
+    assert isinstance(real, ZooKeeperEngine) and real.client is None
     spec = cfg.worker_spec()
     layout = Layout(spec.pid_dir, spec.locks_path, spec.locks_standby_path, spec.standby_stop_file)
     assert isinstance(worker_engine(spec, layout, None), ZooKeeperEngine)

@@ -7,6 +7,7 @@ and CLOCK_MONOTONIC is shared, so the ledger shows who ran user code when.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import time
@@ -213,6 +214,71 @@ def test_sigkill_of_a_main_fails_over_to_the_other_host_within_the_session_timeo
     assert b.main_slot()["pid"] == standby
 
 
+def overlaps(host: Host) -> list[str]:
+    """Every pair of mains whose runs (first to last ledger line) overlap in time."""
+    spans: dict[int, tuple[float, float]] = {}
+    for line in host.ledger_lines():
+        pid, moment = int(line[1]), float(line[2])
+        first, last = spans.get(pid, (moment, moment))
+        spans[pid] = (min(first, moment), max(last, moment))
+    ordered = sorted(spans.items(), key=lambda item: item[1][0])
+    return [f"pid {later} entered {end - start:.3f} s before pid {pid} stopped"
+            for (pid, (_s, end)), (later, (start, _e)) in itertools.pairwise(ordered) if start <= end]
+
+
+LONG = 20.0  # the longest session this server allows: a takeover that waited for it would show
+
+
+def test_sigkill_of_a_main_is_taken_over_by_a_standby_of_its_own_host_without_waiting_for_the_session(
+        zookeeper, hosts):
+    # Two standbys on A (the local flock decides which one looks) and one on B, queued last.
+    a = hosts("A", zookeeper.address, standbys=2, session_timeout=LONG)
+    b = hosts("B", zookeeper.address, session_timeout=LONG)
+    a.run("start", check=True)
+    b.run("start", check=True)
+    first = a.pid_of("main")
+    standbys = set(a.holders("standby"))
+    remote = b.pid_of("standby")
+    wait_until(lambda: entered(a, first), 5, "A's main inside the function")
+    os.kill(first, signal.SIGKILL)
+    # A standby on the same host enters long before the dead main's session could expire.
+    wait_until(lambda: [p for p in standbys if entered(a, p)], LONG / 4, "one of A's standbys inside the function")
+    second = next(p for p in standbys if entered(a, p))
+    assert f"pid {first} of this host, which held " in a.log_text()
+    assert a.main_slot()["pid"] == second and b.main_slot()["host"] == "A"
+    assert token_of(a, second) > token_of(a, first)
+    # Again: A's last standby takes over from the second main the same way.
+    (third,) = standbys - {second}
+    os.kill(second, signal.SIGKILL)
+    wait_until(lambda: entered(a, third), LONG / 4, "A's other standby inside the function")
+    assert token_of(a, third) > token_of(a, second)
+    assert not entered(b, remote), "B's standby entered although A's standbys were first in line"
+    assert pid_alive(remote) and b.pid_of("standby") == remote
+    assert not overlaps(a), overlaps(a)
+    assert [int(line[1]) for line in entries(a)] == [first, second, third]
+
+
+def test_a_standby_of_another_host_first_in_line_enters_once_the_dead_mains_own_host_frees_the_slot(
+        zookeeper, hosts):
+    # B's standby queued before A's: A's standby sees its host's main die and deletes the
+    # dead main's node; the slot goes to the next in line, B's standby, without the wait.
+    a = hosts("A", zookeeper.address, standbys=0, session_timeout=LONG)
+    b = hosts("B", zookeeper.address, session_timeout=LONG)
+    a.run("start", check=True)
+    b.run("start", check=True)
+    main, remote = a.pid_of("main"), b.pid_of("standby")
+    a.write(**{**a.settings, "locks": {**a.settings["locks"], "standby_max_procs": 1}})
+    a.run("start", check=True)
+    local = a.pid_of("standby")
+    wait_until(lambda: entered(a, main), 5, "A's main inside the function")
+    os.kill(main, signal.SIGKILL)
+    wait_until(lambda: entered(b, remote), LONG / 4, "B's standby inside the function")
+    assert pid_alive(local) and not entered(a, local)
+    assert a.main_slot()["host"] == "B"
+    assert token_of(b, remote) > token_of(a, main)
+    assert not overlaps(a), overlaps(a)
+
+
 def test_a_frozen_main_is_replaced_and_fenced_when_it_thaws(zookeeper, hosts):
     a, b = hosts("A", zookeeper.address, standbys=0), hosts("B", zookeeper.address)
     a.run("start", check=True)
@@ -265,6 +331,9 @@ def test_a_host_cut_off_from_zookeeper_fences_its_main_before_the_other_host_tak
         # A's user code stops at the latest 0.85 T after the last reply it read from the server,
         # before ZooKeeper can expire its session (T after that) and give the slot away.
         assert last_a - cut < 0.85 * T + 0.15, f"A ran {last_a - cut:.3f} s after the cut"
+        # Fenced while its session may still live: told first (SIGTERM), so the function returned.
+        assert "SIGTERM to process group" in a.log_text()
+        assert [int(line[1]) for line in entries(a, "exit")] == [main]
         assert last_a < first_b, f"overlap: A ticked {last_a - first_b:.3f} s after B entered"
         assert token_of(b, standby) > token_of(a, main)
     finally:
@@ -331,6 +400,33 @@ def test_leader_of_an_ensemble_killed_fails_nothing_over(tmp_path, hosts):
             server.stop()
 
 
+# ----------------------------------------------------------------- status
+
+
+def test_status_asks_zookeeper_only_for_main_slots_this_host_does_not_hold(zookeeper, hosts):
+    # The server frozen (SIGSTOP: it answers nothing): A holds its main slot locally, so its
+    # status needs no ZooKeeper; B cannot know who holds the slot: Unknown, LSB status 4.
+    a = hosts("A", zookeeper.address, standbys=1, session_timeout=10, fence_grace=7)
+    b = hosts("B", zookeeper.address, standbys=1, session_timeout=10, fence_grace=7)
+    a.run("start", check=True)
+    b.run("start", check=True)
+    main = a.pid_of("main")
+    wait_until(lambda: entered(a, main), 5, "A's main inside the function")
+    assert b.main_slot()["host"] == "A"
+    zookeeper.process.send_signal(signal.SIGSTOP)
+    try:
+        mine = a.run("status", "--json", check=True)
+        assert '"host": "A"' in mine.stdout and f'"pid": {main}' in mine.stdout
+        theirs = b.run("status", check=4)
+    finally:
+        zookeeper.process.send_signal(signal.SIGCONT)
+    assert "main #1 [Unknown]" in theirs.stdout + theirs.stderr
+    assert "[Not Running]" not in theirs.stdout + theirs.stderr  # B's standby runs; its main slot is unknown
+    assert "cannot connect to ZooKeeper" in theirs.stdout + theirs.stderr
+    wait_until(lambda: b.main_slot()["host"] == "A", 10, "B's status to see A's main again")
+    assert " fenced: " not in a.log_text()
+
+
 # ----------------------------------------------------------------- errors
 
 
@@ -384,3 +480,17 @@ def test_the_private_kazoo_names_hadctl_relies_on_are_still_there():
     assert "self._retry.copy()" in inspect.getsource(Lock.acquire)
     assert callable(getattr(ConnectionHandler, "_read_header", None))
     assert isinstance(client._connection, ConnectionHandler)
+
+
+def test_a_lock_nodes_owner_is_gone_when_dead_or_when_its_pid_is_younger_than_the_node():
+    import subprocess
+    import sys
+
+    from hadctl.locks.zookeeper import owner_gone
+
+    now = time.time()
+    assert not owner_gone(os.getpid(), now)  # alive, started before the node was made
+    assert owner_gone(os.getpid(), now - 10 * 365 * 86400)  # this pid's process is younger: reused
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert owner_gone(child.pid, now)  # dead (reaped)

@@ -370,6 +370,8 @@ def status(cfg: ServiceConfig, holder_probe: flock.HolderProbe | None = None) ->
         if report.running:
             on = f" on {report.host}" if report.host is not None else ""
             svc.steps.append(Step(f"{report.label} (pid {report.pid}{on}){stale}", "Running", True))
+        elif problem is not None and report.role is Role.MAIN:  # another host may hold it: unknown
+            svc.steps.append(Step(f"{report.label}{stale}", "Unknown", False))
         else:
             svc.steps.append(Step(f"{report.label}{stale}", "Not Running", False))
     doubtful = suspect(svc, reports, log=False)

@@ -25,7 +25,8 @@ Controller side:
 signal break a blocking call lives once, in worker.py, and engines call it.
 
 Imports lean only; the worker imports it. kazoo is imported only by
-locks/zookeeper.py, which the factories import only for ``engine = "zookeeper"``.
+locks/zookeeper.py, which the factories import only for ``engine = "zookeeper"``,
+and a controller only once ZooKeeper must be asked (``ZooKeeperController``).
 """
 from __future__ import annotations
 
@@ -124,8 +125,51 @@ def controller_engine(cfg: ServiceConfig, log: Any) -> Engine:
     """
     if cfg.locks.engine != "zookeeper":
         return Engine()
-    from ..layout import Layout
+    return ZooKeeperController(cfg, log)
 
-    spec = cfg.worker_spec()
-    layout = Layout(spec.pid_dir, spec.locks_path, spec.locks_standby_path, spec.standby_stop_file)
-    return worker_engine(spec, layout, log)
+
+class ZooKeeperController(Engine):
+    """The controller side of the ZooKeeper engine, which loads kazoo (about 11 MB and
+    100 ms) and opens a session only when ZooKeeper must be asked.
+
+    ``status`` first reads this host's locks: a main slot whose local lock a live
+    process holds is held by this host (a main holds its local lock for as long as
+    it holds the ZooKeeper lock; one that lost the latter fences itself within
+    fence_grace). Only when some main slot is not held here does it ask ZooKeeper,
+    which alone knows other hosts' holders.
+    """
+
+    def __init__(self, cfg: ServiceConfig, log: Any) -> None:
+        self.cfg = cfg
+        self.log = log
+        self._engine: Engine | None = None
+
+    def _zookeeper(self) -> Engine:
+        if self._engine is None:
+            from ..layout import Layout
+
+            spec = self.cfg.worker_spec()
+            layout = Layout(spec.pid_dir, spec.locks_path, spec.locks_standby_path, spec.standby_stop_file)
+            self._engine = worker_engine(spec, layout, self.log)
+        return self._engine
+
+    def new_holder(self, slot: int, old_pid: int | None) -> tuple[str, int] | None:
+        return self._zookeeper().new_holder(slot, old_pid)
+
+    def sees_ready(self, slot: int, pid: int) -> bool:
+        return self._zookeeper().sees_ready(slot, pid)
+
+    def status_slots(self, reports: list[SlotReport],
+                     is_alive: Callable[[int], bool]) -> tuple[list[SlotReport], str | None]:
+        from ..lean import host_id
+        from ..model import Role
+        from ..record import replace
+
+        if all(r.pid is not None and is_alive(r.pid) for r in reports if r.role is Role.MAIN):
+            me = host_id()
+            return [replace(r, host=me) for r in reports], None
+        return self._zookeeper().status_slots(reports, is_alive)
+
+    def after_stop(self, pids: list[int]) -> None:
+        if pids:
+            self._zookeeper().after_stop(pids)

@@ -13,12 +13,17 @@ standbys), and a process holding ZooKeeper slot N also holds the local flock
 restart, reload, which read local locks) sees local mains unchanged. ``status``
 asks ZooKeeper too (``ZooKeeperEngine.status_slots``), to show slots held by other hosts.
 
+A main SIGKILLed on this host leaves its node until its session expires; a
+standby of the same host frees the slot at once (``Takeover``: the main's local
+flock tells it the main is gone). Standbys of other hosts wait for the expiry.
+
 Fencing: a main whose session is SUSPENDED for longer than ``fence_grace``, or
 LOST, or whose lock node vanishes, or that heard nothing from the server for
 0.85 x session_timeout (a lease: the server cannot expire the session sooner),
-SIGKILLs its own process group at once (``Fence``). The fencing token, the lock node's czxid, grows with each new holder
-of a slot (a node created later has a larger zxid); it reaches the program as
-``$HADCTL_FENCING_TOKEN`` and ``hadctl.fencing_token()``.
+ends its own process group (``Fence``: SIGTERM then SIGKILL while the session may
+be valid, else SIGKILL at once). The fencing token, the lock node's czxid, grows
+with each new holder of a slot (a node created later has a larger zxid); it
+reaches the program as ``$HADCTL_FENCING_TOKEN`` and ``hadctl.fencing_token()``.
 
 ``ZooKeeperEngine`` is this engine's side of the protocol in locks/engine.py.
 Imports kazoo (nowhere else in hadctl does) and, from hadctl, lean, locks.engine,
@@ -28,6 +33,7 @@ a worker only after the fork (kazoo starts threads).
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 import math
 import os
@@ -38,7 +44,7 @@ import time
 
 from kazoo.client import KazooClient
 from kazoo.exceptions import CancelledError, KazooException, NoNodeError
-from kazoo.handlers.threading import KazooTimeoutError
+from kazoo.handlers.threading import KazooTimeoutError, SequentialThreadingHandler
 from kazoo.protocol.states import EventType, KazooState
 from kazoo.recipe.lock import Lock
 from kazoo.retry import KazooRetry
@@ -48,14 +54,17 @@ from . import flock
 from .engine import Engine, EngineError, GaveUp
 
 if lean.TYPE_CHECKING:
-    from typing import Any, Callable, Iterable
+    from collections.abc import Callable, Iterable
+    from typing import Any
 
-    from ..config import ServiceConfig
     from ..layout import Layout
     from ..model import SlotReport
     from ..spec import WorkerSpec
     from .engine import Waits
 
+# Breaks a takeover thread's blocking flock. Not USR2 (flock.SlotWaiter's): that is
+# reopen_signal's default, which a waiting standby must still be able to receive.
+_CANCEL_SIGNAL = lean.signum("RTMIN")
 _CONTENDER = re.compile(r"__lock__(-?\d{10})$")
 
 
@@ -84,19 +93,41 @@ class _ToLog(logging.Handler):
         self.hadctl_log.warn(f"zookeeper: {message}")
 
 
-def _client(hosts: str, session_timeout: float, fence_grace: float, log: Any) -> KazooClient:
-    """A kazoo client that reconnects quickly (every 0.25 s at most while a server is down)
-    and never waits longer than ``_attempt_timeout`` for one server's answer."""
+def _client(hosts: str, session_timeout: float, attempt: float, log: Any) -> KazooClient:
+    """A kazoo client that reconnects quickly (every 0.25 s at most while a server is
+    down) and never waits longer than ``attempt`` seconds for one server: neither for
+    its TCP connection (``_BoundedHandler``) nor for its answer to the handshake
+    (``_listed_for_attempts``)."""
     logger = logging.getLogger(f"hadctl.kazoo.{os.getpid()}")
     logger.propagate = False
     if not logger.handlers:
         logger.addHandler(_ToLog(log))
     retry = KazooRetry(max_tries=-1, delay=0.05, backoff=2, max_jitter=0.2, max_delay=0.25)
-    listed = _listed_for_attempts(hosts, session_timeout / _attempt_timeout(fence_grace))
+    listed = _listed_for_attempts(hosts, session_timeout / attempt)
     try:
-        return KazooClient(hosts=listed, timeout=session_timeout, connection_retry=retry, logger=logger)
+        return KazooClient(hosts=listed, timeout=session_timeout, connection_retry=retry, logger=logger,
+                           handler=_BoundedHandler(attempt))
     except ValueError as exc:  # kazoo parses "host:port,host:port[/chroot]" here
         raise UnreachableError(f"invalid ZooKeeper hosts {hosts!r} (locks.hosts): {exc}") from None
+
+
+class _BoundedHandler(SequentialThreadingHandler):  # type: ignore[misc]  # kazoo is untyped
+    """kazoo's handler, whose TCP connections give up after ``attempt`` seconds.
+
+    kazoo opens each connection with the whole session timeout as its limit: a
+    server cut off without a RST (its SYNs dropped) holds the client that long
+    before the next server is tried, which eats a controller's connect budget and
+    a reconnecting main's fence_grace. ``create_connection`` is the handler's
+    public hook for that call."""
+
+    def __init__(self, attempt: float) -> None:
+        super().__init__()
+        self.attempt = attempt
+
+    def create_connection(self, *args: Any, **kwargs: Any) -> Any:
+        timeout = kwargs.get("timeout")
+        kwargs["timeout"] = self.attempt if timeout is None else min(timeout, self.attempt)
+        return super().create_connection(*args, **kwargs)
 
 
 def _attempt_timeout(fence_grace: float) -> float:
@@ -118,18 +149,32 @@ def _listed_for_attempts(hosts: str, attempts: float) -> str:
     cuts every attempt to 1/k of that, through kazoo's public interface.
     """
     servers, slash, chroot = hosts.partition("/")
-    count = len([s for s in servers.split(",") if s.strip()]) or 1
+    count = _server_count(hosts)
     repeat = max(1, min(20, math.ceil(attempts / count)))
     return ",".join([servers] * repeat) + slash + chroot
 
 
+def _server_count(hosts: str) -> int:
+    return len([s for s in hosts.partition("/")[0].split(",") if s.strip()]) or 1
+
+
 def _connect(client: KazooClient, hosts: str, timeout: float) -> None:
+    """Start ``client`` within ``timeout`` seconds, or UnreachableError. On failure the
+    client is stopped in a thread of its own: stopping waits for the connection
+    attempt under way, which the caller, about to fail, must not wait for."""
     try:
         client.start(timeout=timeout)
     except KazooTimeoutError:
+        threading.Thread(target=_stop_quietly, args=(client,), daemon=True, name="kazoo-stop").start()
+        raise UnreachableError(f"cannot connect to ZooKeeper at {hosts} within {timeout:g} s") from None
+
+
+def _stop_quietly(client: KazooClient) -> None:
+    try:
         client.stop()
         client.close()
-        raise UnreachableError(f"cannot connect to ZooKeeper at {hosts} within {timeout:g} s") from None
+    except Exception:  # a client we gave up on; the process ends its socket anyway
+        pass
 
 
 def _lowest(children: Iterable[str]) -> str | None:
@@ -143,6 +188,41 @@ def _parse_holder(data: bytes) -> tuple[str, int | None]:
     text = data.decode("utf-8", "replace").strip()
     host, _, pid = text.rpartition(" ")
     return (host, int(pid)) if pid.isdigit() else (text, None)
+
+
+class Holder:
+    """The lowest contender node of a slot: who holds it, since when, with which token."""
+
+    __slots__ = ("path", "host", "pid", "czxid", "created")
+
+    def __init__(self, path: str, host: str, pid: int | None, czxid: int, created: float) -> None:
+        self.path = path  # the node's full path
+        self.host = host
+        self.pid = pid
+        self.czxid = czxid  # the fencing token
+        self.created = created  # the node's ctime, seconds since the epoch (the server's clock)
+
+
+def read_holder(client: KazooClient, path: str, watch: Callable[[Any], None] | None = None,
+                timeout: float | None = None) -> Holder | None:
+    """The holder of the lock at ``path`` (None: nobody holds it); ``watch`` is called
+    once when the contenders change (kazoo's children watch). With ``timeout``, each
+    call waits at most that long (KazooTimeoutError), even while the connection is down."""
+    for _attempt in range(5):  # the lowest node may go between listing and reading it
+        try:
+            children = client.get_children_async(path, watch=watch).get(timeout=timeout)
+        except NoNodeError:
+            return None
+        lowest = _lowest(children)
+        if lowest is None:
+            return None
+        try:
+            data, stat = client.get_async(f"{path}/{lowest}").get(timeout=timeout)
+        except NoNodeError:
+            continue
+        host, pid = _parse_holder(data)
+        return Holder(f"{path}/{lowest}", host, pid, int(stat.czxid), stat.ctime / 1000.0)
+    return None
 
 
 # ===================================================================== the engine
@@ -173,7 +253,8 @@ class ZooKeeperEngine(Engine):
         """Open the session; EngineError after ``session_timeout`` seconds without a server."""
         spec = self.spec
         try:
-            self.client = _client(self.hosts, spec.locks_session_timeout, spec.locks_fence_grace, self.log)
+            self.client = _client(self.hosts, spec.locks_session_timeout,
+                                  _attempt_timeout(spec.locks_fence_grace), self.log)
             _connect(self.client, self.hosts, spec.locks_session_timeout)
         except UnreachableError as exc:
             self.client = None
@@ -240,7 +321,7 @@ class ZooKeeperEngine(Engine):
                 got = self.lock(slot).acquire(blocking=True)
             except CancelledError:
                 return
-            except Exception as exc:  # noqa: BLE001 - reported to the main thread, which leaves
+            except Exception as exc:  # reported to the main thread, which leaves
                 self.log.error(f"waiting for main slot {slot} in ZooKeeper failed: {type(exc).__name__}: {exc}")
                 got = False
             os.write(write_fd, f"{slot if got else 0}\n".encode())
@@ -256,9 +337,11 @@ class ZooKeeperEngine(Engine):
                 self.log.info("standby: ZooKeeper connection back; looking at the main slots again")
                 for lock in list(self.locks.values()):
                     lock.wake_event.set()
+                takeover.look_again()
             return False  # stay registered
 
         client.add_listener(reconnected)
+        takeover = Takeover(self, slots)
         try:
             for slot in slots:
                 thread = threading.Thread(target=contend, args=(slot,), daemon=True, name=f"slot-{slot}")
@@ -281,6 +364,7 @@ class ZooKeeperEngine(Engine):
                             won = int(word)
             return won
         finally:
+            takeover.stop()  # before the local lock is taken: none of its threads may hold it then
             client.remove_listener(reconnected)
             self._cancel_others(threads, keep=won)
             os.close(read_fd)
@@ -364,7 +448,7 @@ class ZooKeeperEngine(Engine):
         try:
             self.client.stop()
             self.client.close()
-        except Exception as exc:  # noqa: BLE001 - leaving anyway; the session expires on its own
+        except Exception as exc:  # leaving anyway; the session expires on its own
             self.log.warn(f"closing the ZooKeeper session: {exc!r}")
 
     # ------------------------------------------------------------ controller
@@ -454,6 +538,165 @@ class ZooKeeperEngine(Engine):
             self.log.warn(f"cannot delete the lock nodes of pids {pids}: {exc!r}")
 
 
+class Takeover:
+    """Same-host takeover: a standby ends the wait for a dead main of its own host at once.
+
+    A SIGKILLed main cannot close its session, so its lock node would hold the slot
+    until ZooKeeper expires the session (``session_timeout``). But on its own host its
+    death is known at once: the kernel frees its local flock ``LOCKS/N.lock``.
+
+    So while ZooKeeper names a process of this host (not us) as slot N's holder, one
+    thread per slot blocks in ``flock(LOCK_EX)`` on that file (no wake-ups while the
+    main lives), and otherwise on a children watch of the slot. When it gets the
+    flock, no process of this host is main of N any more; holding it, it reads the
+    holder again and, when that node names this host and a process that is gone
+    (``owner_gone``: dead, or its pid now names a younger process), deletes the node.
+    Then it frees the flock. The next contender in ZooKeeper's line gets the slot,
+    with a new node, so a larger czxid (fencing token); if that is us, our local
+    flock is free and we are main within milliseconds.
+
+    The local flock decides which of this host's standbys looks: only its holder
+    deletes, and a node is deleted only by its full path, never the new holder's.
+    The dead main's session lives on in ZooKeeper until it expires, but no process
+    is left to speak for it: nothing can re-create the node or act as holder.
+    """
+
+    STEP = 0.5  # seconds: the longest wait for one ZooKeeper call while holding the flock
+
+    def __init__(self, engine: ZooKeeperEngine, slots: list[int]) -> None:
+        import ctypes
+
+        self.engine = engine
+        self.client = engine._session()
+        self.me = engine.spec.host_id
+        self.stopping = False
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.changed = {slot: threading.Event() for slot in slots}
+        self.previous = lean.set_handler(_CANCEL_SIGNAL, _ignore_signal)
+        self.threads = [threading.Thread(target=self._watch, args=(slot,), daemon=True, name=f"takeover-{slot}")
+                        for slot in slots]
+        for thread in self.threads:
+            thread.start()
+
+    def look_again(self) -> None:
+        """Watches may be lost across a reconnection: look at every slot again."""
+        for event in self.changed.values():
+            event.set()
+
+    def stop(self) -> None:
+        """End every thread (a blocked flock is broken by a signal); returns once they have."""
+        self.stopping = True
+        self.look_again()
+        for thread in self.threads:
+            while thread.is_alive():
+                if thread.ident is not None:
+                    try:
+                        lean.pthread_kill(thread.ident, _CANCEL_SIGNAL)
+                    except ProcessLookupError:
+                        break
+                thread.join(0.001)
+        lean.set_handler(_CANCEL_SIGNAL, self.previous)
+
+    def _watch(self, slot: int) -> None:
+        engine = self.engine
+        path = engine.layout.lock_file("main", slot)
+        node = slot_path(engine.spec.locks_root, engine.spec.name, slot)
+        changed = self.changed[slot]
+        fd = flock.open_lock_file(path)
+        try:
+            while not self.stopping:
+                changed.clear()
+                if self.stopping:  # stop() set the event just before our clear(): it is lost
+                    break
+                try:
+                    found = read_holder(self.client, node, watch=lambda _event: changed.set())
+                except KazooException:
+                    changed.wait(0.25)  # no session just now; the reconnection wakes us too
+                    continue
+                if found is None or found.host != self.me or found.pid == engine.pid:
+                    changed.wait()
+                    continue
+                if self.libc.flock(fd, fcntl.LOCK_EX) != 0:
+                    continue  # EINTR: stop() wants us out
+                try:
+                    deleted = self._take_over(slot, node, path, None if changed.is_set() else found)
+                finally:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                if not deleted:
+                    # The holder lives without the local flock: a new main of this host about
+                    # to take it. Look again when the line changes, or soon.
+                    changed.wait(0.05)
+        except Exception as exc:  # the session's expiry still frees the slot
+            engine.log.warn(f"standby: same-host takeover of main slot {slot} stopped: {type(exc).__name__}: {exc}")
+        finally:
+            os.close(fd)
+
+    def _take_over(self, slot: int, node: str, path: str, found: Holder | None) -> bool:
+        """We hold ``path``'s flock: delete the slot's lock node if it names a process of
+        this host that is gone. True when deleted.
+
+        ``found`` is the holder read before the wait when the line has not changed
+        since (else None: read it again). Even a stale one is safe to act on: a
+        node's path is unique and its data never changes, so deleting the node of a
+        process that is gone can never remove a live holder's.
+
+        Every call is bounded (``STEP``): a new main of this host waits for the
+        flock we hold, and kills its holder after fence_grace + 1 s."""
+        if self.client.state != KazooState.CONNECTED:
+            return False
+        if found is None:
+            try:
+                found = read_holder(self.client, node, timeout=self.STEP)
+            except (KazooException, KazooTimeoutError):
+                return False
+        if found is None or found.host != self.me or found.pid is None or found.pid == self.engine.pid:
+            return False
+        if not owner_gone(found.pid, found.created):
+            return False
+        try:
+            self.client.delete_async(found.path).get(timeout=self.STEP)
+        except NoNodeError:
+            return True  # its session ended meanwhile, or another standby was first
+        except (KazooException, KazooTimeoutError):
+            return False
+        self.engine.log.info(f"main slot {slot}: pid {found.pid} of this host, which held {found.path}, is gone "
+                             f"(its local lock {path} is free); deleted its lock node rather than wait "
+                             f"{self.engine.spec.locks_session_timeout:g} s for its session to expire")
+        return True
+
+
+def _ignore_signal(_signum: int, _frame: object) -> None:
+    """Handler of the cancel signal: its only job is to interrupt a blocked flock."""
+
+
+_BOOT: list[float] = []
+
+
+def owner_gone(pid: int, created: float) -> bool:
+    """True when process ``pid`` of this host, named by a lock node made at ``created``
+    (epoch seconds), is gone: dead (a zombie counts), or its pid now names a process
+    that started after the node was made (the pid was reused, so the maker is dead).
+
+    Start times come from /proc (``probe.proc_stat``: clock ticks since boot, plus
+    the boot time); ``created`` is the server's clock, so 2 s of margin cover
+    btime's whole seconds and clock skew: within it a live pid counts as the maker,
+    and the slot waits for the session to expire, as before.
+    """
+    from ..probe import proc_stat
+
+    found = proc_stat(pid)
+    if found is None or found.state in ("Z", "X"):
+        return True
+    if not _BOOT:
+        try:
+            with open("/proc/stat", "rb") as handle:
+                _BOOT.append(next(float(line.split()[1]) for line in handle if line.startswith(b"btime ")))
+        except (OSError, StopIteration, ValueError, IndexError):
+            return False
+    started = _BOOT[0] + found.starttime / os.sysconf("SC_CLK_TCK")
+    return started > created + 2.0
+
+
 class _errors:
     """``with _errors(hosts):`` turns a kazoo failure into EngineError (the worker reports it)."""
 
@@ -505,12 +748,19 @@ class Fence:
     are observed by wrapping kazoo's ``ConnectionHandler._read_header``; a kazoo
     without it leaves the lease off, and says so in the log.)
 
-    Fencing is SIGKILL to the main's own process group (it is in its own group,
-    see spawn.py), so the program and its children stop running user code at
-    once; nothing is cleaned up but the pid file.
+    Fencing ends the main's own process group (it is in its own group, see
+    spawn.py); nothing is cleaned up but the pid file. While the session may still
+    be valid in ZooKeeper (fence_grace over, or the lease), the program is told
+    first: SIGTERM to the group, then SIGKILL ``TOLD`` x session_timeout later, but
+    never later than ``LAST`` x session_timeout after the last reply read, so the
+    group is gone before the server could expire the session and give the slot
+    away. When the slot may already be another's (session lost, our node deleted),
+    SIGKILL at once.
     """
 
     LEASE = 0.85  # of session_timeout; the rest covers the round trip and the kill
+    TOLD = 0.1  # of session_timeout: from SIGTERM to SIGKILL at most
+    LAST = 0.95  # of session_timeout after the last reply: SIGKILL by then whatever happens
 
     def __init__(self, client: KazooClient, node_path: str, slot: int, grace: float, session_timeout: float,
                  log: Any, forget_pid_file: Callable[[], None]) -> None:
@@ -519,6 +769,7 @@ class Fence:
         self.slot = slot
         self.grace = grace
         self.lease = session_timeout * self.LEASE
+        self.session_timeout = session_timeout
         self.log = log
         self.forget_pid_file = forget_pid_file
         self.armed = False
@@ -572,7 +823,8 @@ class Fence:
         while True:
             left = self.heard + self.lease - time.monotonic()
             if left <= 0:
-                self.fire(f"nothing heard from ZooKeeper for {self.lease:g} s ({self.LEASE:g} x session_timeout)")
+                self.fire(f"nothing heard from ZooKeeper for {self.lease:g} s ({self.LEASE:g} x session_timeout)",
+                          tell=True)
                 return
             if self.stopped.wait(left):
                 return
@@ -604,7 +856,7 @@ class Fence:
     def _check_node(self, result: Any) -> None:
         try:
             stat = result.get_nowait()
-        except Exception:  # noqa: BLE001 - lost again meanwhile: the state listener decides
+        except Exception:  # lost again meanwhile: the state listener decides
             return
         if stat is None:
             self.fire("our lock node was deleted")
@@ -618,16 +870,28 @@ class Fence:
             self.timer = None
             if not self.armed or self.client.state == KazooState.CONNECTED:
                 return
-        self.fire(f"no ZooKeeper server answered for {self.grace:g} s (fence_grace)")
+        self.fire(f"no ZooKeeper server answered for {self.grace:g} s (fence_grace)", tell=True)
 
-    def fire(self, reason: str) -> None:
-        """SIGKILL our process group, then ourselves: never returns while armed."""
+    def fire(self, reason: str, tell: bool = False) -> None:
+        """End our process group, then ourselves: never returns while armed. With
+        ``tell``, SIGTERM first and SIGKILL at the bound (see the class docstring)."""
         with self.guard:
             if not self.armed:
                 return
             self.armed = False
-        self.log.error(f"main #{self.slot} fenced: {reason}; SIGKILL to process group {self.pgid}")
+        now = time.monotonic()
+        kill_at = min(now + self.TOLD * self.session_timeout, self.heard + self.LAST * self.session_timeout)
+        told = tell and kill_at - now > 0.005
+        then = f"SIGTERM to process group {self.pgid}, SIGKILL in {kill_at - now:.3f} s" if told else \
+            f"SIGKILL to process group {self.pgid}"
+        self.log.error(f"main #{self.slot} fenced: {reason}; {then}")
         self.forget_pid_file()
+        if told:
+            try:
+                os.killpg(self.pgid, lean.SIGTERM)
+            except OSError:
+                pass
+            time.sleep(max(0.0, kill_at - time.monotonic()))  # the program's time to wind down
         try:
             os.killpg(self.pgid, lean.SIGKILL)
         except OSError:
@@ -645,29 +909,19 @@ class View:
     def __init__(self, spec: WorkerSpec, log: Any, timeout: float | None = None) -> None:
         self.spec = spec
         self.hosts = spec.locks_hosts or ""
-        self.client = _client(self.hosts, spec.locks_session_timeout, spec.locks_fence_grace, log)
-        _connect(self.client, self.hosts, spec.locks_session_timeout if timeout is None else timeout)
+        budget = spec.locks_session_timeout if timeout is None else timeout
+        # Every server gets its try within the budget: a silent one costs its share only.
+        attempt = min(_attempt_timeout(spec.locks_fence_grace), max(0.25, 0.8 * budget / _server_count(self.hosts)))
+        self.client = _client(self.hosts, spec.locks_session_timeout, attempt, log)
+        _connect(self.client, self.hosts, budget)
 
     def path(self, slot: int) -> str:
         return slot_path(self.spec.locks_root, self.spec.name, slot)
 
     def holder(self, slot: int) -> tuple[str, int | None, int] | None:
         """(host, pid, czxid) of the slot's holder, or None when nobody holds it."""
-        for _attempt in range(5):  # the lowest node may go between listing and reading it
-            try:
-                children = self.client.get_children(self.path(slot))
-            except NoNodeError:
-                return None
-            lowest = _lowest(children)
-            if lowest is None:
-                return None
-            try:
-                data, stat = self.client.get(f"{self.path(slot)}/{lowest}")
-            except NoNodeError:
-                continue
-            host, pid = _parse_holder(data)
-            return host, pid, int(stat.czxid)
-        return None
+        found = read_holder(self.client, self.path(slot))
+        return None if found is None else (found.host, found.pid, found.czxid)
 
     def delete_nodes_of(self, host: str, pids: set[int]) -> list[str]:
         """Delete every contender node (any slot) whose data names ``host`` and one of ``pids``."""
@@ -702,7 +956,7 @@ def _close_views() -> None:
     for view in _views.values():
         try:
             view.close()
-        except Exception:  # noqa: BLE001 - exiting; the session ends with us anyway
+        except Exception:  # exiting; the session ends with us anyway
             pass
     _views.clear()
 
