@@ -930,6 +930,7 @@ def main(argv: list[str] | None = None) -> int:
     # ...and let every process we start rewrite a .pyc that an edit made stale meanwhile.
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     os.environ["HADCTL_BENCH_ID"] = BENCH_ID
+    os.environ["HADCTL_PASS_ENV"] = "HADCTL_BENCH_ID PYTHONPATH"  # workers get a defined environment
     os.environ["HADC_NO_COLORS"] = "1"
     os.environ.pop("HADC_TRACE", None)
 
