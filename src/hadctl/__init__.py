@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 __version__ = "0.1.0"
-__all__ = ["ready", "slot", "warmup_result", "fencing_token", "lock_fd"]
+__all__ = ["ready", "slot", "warmup_result", "fencing_token", "lock_fd", "reopen_outputs"]
 
 # Filled in by hadctl.worker when this process becomes main.
 _state: dict[str, object] = {}
@@ -48,3 +48,11 @@ def lock_fd() -> int | None:
     """The fd holding the main slot's lock (also in ``$HADC_lock_fd``), or None."""
     value = _state.get("lock_fd")
     return value if isinstance(value, int) else None
+
+
+def reopen_outputs() -> None:
+    """Reopen this worker's output files by name, as ``reopen_signal`` does. For code
+    that installs its own handler for that signal: call this from it."""
+    reopen = _state.get("reopen_outputs")
+    if callable(reopen):
+        reopen()

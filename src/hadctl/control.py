@@ -17,7 +17,7 @@ import os
 
 from . import lean, probe, spawn
 from . import slots as read_model
-from .config import ServiceConfig
+from .config import SYSLOG, ServiceConfig
 from .errors import ActionFailedError, BusyError, ConfigError, NotPermittedError
 from .layout import Layout, read_pid_file, remove_stale
 from .locks import flock
@@ -141,7 +141,7 @@ def prepare(svc: Service) -> None:
             os.chown(folder, ident.uid or 0, -1 if ident.gid is None else ident.gid, follow_symlinks=False)
     for key, path in (("log_file", cfg.log_file), ("stdout_file", cfg.stdout_file),
                       ("stderr_file", cfg.stderr_file)):
-        if path is None:
+        if path is None or path == SYSLOG:  # "syslog": no file (outputs.py)
             continue
         existed = os.path.exists(path)
         try:
@@ -175,7 +175,7 @@ def check_paths(cfg: ServiceConfig) -> None:
                               ("locks.standby_path", cfg.locks.standby_path, True),
                               ("log_file", cfg.log_file, False), ("stdout_file", cfg.stdout_file, False),
                               ("stderr_file", cfg.stderr_file, False)):
-        if path is None:
+        if path is None or path == SYSLOG:  # "syslog": no file (outputs.py)
             continue
         existing = path
         while not os.path.lexists(existing) and os.path.dirname(existing) != existing:

@@ -108,7 +108,26 @@ ACTIONS: tuple[Action, ...] = (
            help="Print an LSB init script that runs hadctl -c CONFIG ACTION (also get_init_file)."),
     Action("get-systemd-unit", "initfile.systemd_unit", fast=False,
            help="Print systemd units: the service, and a timer that runs fork every minute."),
+    Action("reopen-logs", "outputs.reopen_logs", aliases=("reopen_logs",), help=(
+        "Every worker reopens its output files by name (for logrotate's postrotate): sends "
+        "reopen_signal and waits until each writes to the new files. Exit 7 when nothing runs.")),
+    Action("get-logrotate", "outputs.get_logrotate", fast=False,
+           help="Print a logrotate stanza for the service's files, whose postrotate runs reopen-logs."),
+    Action("logs", "outputs.logs", fast=False, options=(
+        Option(("-f", "--follow"), "follow", "Keep printing what is appended, across rotations."),
+        Option(("-n", "--lines"), "lines", "How many lines to print first (default 10).", flag=False,
+               metavar="N"),
+        Option(("--stderr",), "stderr", "The main's stderr file instead of its stdout file."),
+        Option(("--hadctl",), "hadctl", "hadctl's own log (log_file)."),
+    ), help="Print the service's output (the main's stdout file), with -f following it across rotations."),
+    Action("check", "check.check", report=True, options=(ALL, CONFIG_DIR), every="check.check_all", help=(
+        "Validate without starting anything: the config (every error), users and groups, folders, "
+        "the entrypoint and warmup imported as the service user, listen addresses, limits. "
+        "One line per problem and exit 6, else 0 with a summary.")),
 )
+
+# Options perform reads itself; any other option of a row is passed to its function by name.
+_PERFORM_OPTIONS = ("as_json", "every", "config_dir")
 
 
 def find(name: str) -> Action | None:
@@ -203,7 +222,8 @@ def perform(path: str | None, action: Action, options: dict[str, object] | None 
     if not path:
         raise ValueError("perform: no config file")  # cli.py asks for -c before calling
     cfg = load(path)
-    result = function(action.call)(cfg)
+    passed = {o.dest: options.get(o.dest) for o in action.options if o.dest not in _PERFORM_OPTIONS}
+    result = function(action.call)(cfg, **passed)
     if isinstance(result, bool) or result is None:
         raise TypeError(f"{action.call} returned {result!r}")
     if isinstance(result, int):
