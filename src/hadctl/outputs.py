@@ -321,7 +321,7 @@ def logs(cfg: ServiceConfig, follow: bool = False, lines: str | None = None, std
     """Print the last ``lines`` (10) lines of the main's stdout file (``--stderr``: its
     stderr file; ``--hadctl``: log_file); with ``follow``, keep printing what is
     appended, across rotations (reopen by name when the inode changes) and
-    truncations. Returns 0 (Ctrl-C: 130, from entry.guarded)."""
+    truncations. Returns 0; a follow ends with Ctrl-C: 130."""
     from .errors import ConfigError
 
     path = cfg.log_file if hadctl else cfg.main_stderr if stderr else cfg.main_stdout
@@ -343,7 +343,10 @@ def logs(cfg: ServiceConfig, follow: bool = False, lines: str | None = None, std
         if fd is not None:
             os.close(fd)
         return 0
-    return _follow(path, fd, out)
+    try:
+        return _follow(path, fd, out)
+    except KeyboardInterrupt:  # how a follow ends (Ctrl-C): the shell's status, no message
+        return 130
 
 
 def _tail(fd: int, count: int) -> bytes:
