@@ -369,6 +369,9 @@ def status(cfg: ServiceConfig, holder_probe: flock.HolderProbe | None = None) ->
         delay = _second_line(svc.layout.backoff_file)
         svc.steps.append(Step(f"crash loop: standby pid {found.pid} is backing off {delay} s", "Back-off", False))
         detail["backoff"] = {"pid": found.pid, "delay": float(delay) if delay else None}
+    from .environment import slot_digests
+
+    detail["environment"] = slot_digests(reports)  # drift between workers shows as different digests
     if problem is not None:  # who holds the main slots is unknown: LSB status 4
         svc.steps.append(Step(problem, "Unknown", False))
         return svc.outcome("status", 4, reports, **detail)
