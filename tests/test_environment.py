@@ -11,10 +11,9 @@ from typing import Any
 import pytest
 
 from conftest import HADCTL
-from support import wait_until
-
 from hadctl.environment import DEFAULT_PATH, digest, of_process, parse_env_text, passed
 from hadctl.errors import ConfigError
+from support import wait_until
 
 HARNESS = ("HADCTL_TEST_ID", "HADCTL_PASS_ENV", "PYTHONPATH", "HADCTL_CACHE_DIR", "HADC_NO_COLORS")
 

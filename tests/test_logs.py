@@ -159,7 +159,8 @@ def rsyslogd(tmp_path: Path) -> Any:
         f'global(workDirectory="{folder}")\n'
         'module(load="imuxsock" SysSock.Use="off")\n'
         f'input(type="imuxsock" Socket="{sock}" CreatePath="on" RateLimit.Interval="0")\n'
-        'template(name="fields" type="string" string="%syslogtag%|%syslogfacility-text%|%syslogseverity-text%|%msg%\\n")\n'
+        'template(name="fields" type="string"\n'
+        '         string="%syslogtag%|%syslogfacility-text%|%syslogseverity-text%|%msg%\\n")\n'
         f'*.* action(type="omfile" file="{output}" template="fields")\n')
     process = subprocess.Popen([RSYSLOGD, "-n", "-f", str(conf), "-i", str(folder / "pid")],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -219,7 +219,7 @@ def import_problems(cfg: ServiceConfig) -> list[str]:
         result = subprocess.run([sys.executable, "-c", _IMPORT_SCRIPT, cfg.entrypoint, cfg.warmup or "",
                                  *cfg.python_path, hadctl_dir],
                                 env=env, cwd=cfg.directory or "/", umask=0o022 if cfg.umask is None else cfg.umask,
-                                capture_output=True, text=True, timeout=IMPORT_TIMEOUT, **options)
+                                capture_output=True, text=True, timeout=IMPORT_TIMEOUT, check=False, **options)
     except subprocess.TimeoutExpired:
         return [f"importing {cfg.entrypoint} took more than {IMPORT_TIMEOUT:g} s"]
     except OSError as exc:

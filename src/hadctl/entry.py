@@ -116,8 +116,8 @@ ACTIONS: tuple[Action, ...] = (
     Action("get-logrotate", "outputs.get_logrotate", fast=False,
            help="Print a logrotate stanza for the service's files, whose postrotate runs reopen-logs."),
     Action("logs", "outputs.logs", fast=False, options=(
-        Option(("-f", "--follow"), "follow", "Keep printing what is appended, across rotations."),
-        Option(("-n", "--lines"), "lines", "How many lines to print first (default 10).", flag=False,
+        Option(("-f",), "follow", "Keep printing what is appended, across rotations."),
+        Option(("-n",), "lines", "How many lines to print first (default 10).", flag=False,
                metavar="N"),
         Option(("--stderr",), "stderr", "The main's stderr file instead of its stdout file."),
         Option(("--hadctl",), "hadctl", "hadctl's own log (log_file)."),

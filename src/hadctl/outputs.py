@@ -77,7 +77,8 @@ class Outputs:
             return
         out_read, out_write = os.pipe()
         err_read, err_write = os.pipe()
-        actions: list[tuple[int, ...]] = [(os.POSIX_SPAWN_DUP2, out_read, 0), (os.POSIX_SPAWN_DUP2, err_read, _STDERR_FD)]
+        actions: list[tuple[int, ...]] = [(os.POSIX_SPAWN_DUP2, out_read, 0),
+                                          (os.POSIX_SPAWN_DUP2, err_read, _STDERR_FD)]
         if alive_fd >= 0:
             actions.append((os.POSIX_SPAWN_DUP2, alive_fd, _ALIVE_FD))
         boot = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r}); "
@@ -233,7 +234,7 @@ def reopen_logs(cfg: ServiceConfig) -> Outcome:
     if not found:
         raise NotRunningError(f"{cfg.name}: nothing is running, no output file to reopen")
     signum = lean.signum(cfg.reopen_signal)
-    for report, target in found:
+    for _report, target in found:
         target.signal(signum, group=False)
         target.close()
     status = 0
@@ -305,7 +306,8 @@ def get_logrotate(cfg: ServiceConfig) -> str:
 
         user = cfg.identity.user or str(cfg.identity.uid)
         try:
-            group = grp.getgrgid(cfg.identity.gid if cfg.identity.gid is not None else pwd.getpwnam(user).pw_gid).gr_name
+            gid = cfg.identity.gid if cfg.identity.gid is not None else pwd.getpwnam(user).pw_gid
+            group = grp.getgrgid(gid).gr_name
         except KeyError:
             group = str(cfg.identity.gid)
         # The service's user owns the log folder: logrotate must act as that user there.
