@@ -11,7 +11,8 @@ spawned after a failover get the same variables. In order, later layers win:
      entry, never from the caller);
   2. variables of the caller named by ``pass_env`` (a name ending in ``*`` is
      a prefix), and by ``$HADCTL_PASS_ENV`` (the same, for test harnesses and
-     containers: the caller asks for it explicitly);
+     containers: the caller asks for it explicitly), and ``HADCTL_HOST_ID``
+     (hadctl's own, which every hadctl command of a host must set alike);
   3. ``env_file``: files of systemd ``KEY=value`` lines (quotes, backslash
      escapes, comments); a missing file is refused (exit 6) unless its name
      in the config starts with ``-``;
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 LOCALE_FILES = ("/etc/default/locale", "/etc/locale.conf")
 PASS_ENV_VARIABLE = "HADCTL_PASS_ENV"
+HOST_ID = "HADCTL_HOST_ID"  # passed when set: every hadctl command of a host must set it alike
 # Set per process by hadctl or the listen helper: not part of what a digest compares.
 VOLATILE = frozenset(("HADC_lock_fd", "HADCTL_FENCING_TOKEN", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"))
 
@@ -53,7 +55,8 @@ def build(cfg: ServiceConfig, caller: Mapping[str, str] | None = None,
     """
     caller = os.environ if caller is None else caller
     env = base(cfg.identity.uid, locale_files)
-    names = list(cfg.pass_env) + caller.get(PASS_ENV_VARIABLE, "").replace(",", " ").split()
+    # HADCTL_HOST_ID: hadctl's own setting, required in every hadctl command's environment
+    names = [HOST_ID, *cfg.pass_env, *caller.get(PASS_ENV_VARIABLE, "").replace(",", " ").split()]
     env.update(passed(names, caller))
     for path in cfg.env_file:
         env.update(read_env_file(path, cfg.config_file))

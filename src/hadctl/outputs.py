@@ -220,7 +220,7 @@ class _Sender:
 
 
 def reopen_logs(cfg: ServiceConfig) -> Outcome:
-    """Send ``reopen_signal`` to every worker, then wait (up to 2 s) until each writes
+    """Send ``reopen_signal`` to every worker, then wait (REOPEN_TIMEOUT) until each writes
     to its files by their current names, so that postrotate may compress at once.
     NotRunningError (7) when nothing runs."""
     from . import stopping
@@ -240,13 +240,17 @@ def reopen_logs(cfg: ServiceConfig) -> Outcome:
     status = 0
     for report, _target in found:
         files = _files_of(cfg, report.role is Role.MAIN)
-        if _wait_reopened(report.pid, files):  # type: ignore[arg-type]
+        problem = _wait_reopened(report.pid, files) if report.pid is not None else None
+        if problem is None:
             svc.say(f"{report.label} (pid {report.pid}) reopened its output files", "OK")
         elif probe_alive(report.pid):
-            svc.say(f"{report.label} (pid {report.pid}) did not reopen {', '.join(files.values())} "
-                    f"within 2 s of SIG{cfg.reopen_signal}", "Failed", ok=False)
+            svc.say(f"{report.label} (pid {report.pid}) did not reopen its output files within "
+                    f"{REOPEN_TIMEOUT:g} s of SIG{cfg.reopen_signal}: {problem}", "Failed", ok=False)
             status = 1
     return svc.outcome("reopen-logs", status, svc.slots()[0])
+
+
+REOPEN_TIMEOUT = 5.0
 
 
 def probe_alive(pid: int | None) -> bool:
@@ -261,19 +265,27 @@ def _files_of(cfg: ServiceConfig, main: bool) -> dict[int, str]:
     return {fd: path for fd, path in ((1, cfg.main_stdout), (2, cfg.main_stderr)) if path != SYSLOG}
 
 
-def _wait_reopened(pid: int, files: dict[int, str], timeout: float = 2.0) -> bool:
-    """True once /proc/PID/fd/N is the file now named by each path."""
+def _wait_reopened(pid: int, files: dict[int, str], timeout: float = REOPEN_TIMEOUT) -> str | None:
+    """None once /proc/PID/fd/N is the file now named by each path; else what was last seen."""
     import time
 
     deadline = time.monotonic() + timeout
     while True:
-        try:
-            if all(_same(os.stat(f"/proc/{pid}/fd/{fd}"), path) for fd, path in files.items()):
-                return True
-        except OSError:  # not ours to look at (another user), or gone
-            return False
+        seen = ""
+        for fd, path in files.items():
+            try:
+                if not _same(os.stat(f"/proc/{pid}/fd/{fd}"), path):
+                    seen = f"fd {fd} is {os.readlink(f'/proc/{pid}/fd/{fd}')}, not {path}"
+                    break
+            except PermissionError:  # another user's process: it was signalled, that is all we know
+                return None
+            except OSError as exc:
+                seen = f"cannot see its fd {fd}: {exc.strerror}"
+                break
+        if not seen:
+            return None
         if time.monotonic() > deadline:
-            return False
+            return seen
         time.sleep(0.005)  # the worker runs its handler within milliseconds; nothing to wait on
 
 

@@ -787,6 +787,29 @@ class Bench:
 
     # ------------------------------------------------------------------ standby RSS
 
+    def scenario_reopen(self) -> None:
+        """reopen-logs after a rename, as logrotate's postrotate runs it: the wall time
+        until every worker writes to the new files (it waits for that), beside status."""
+        svc = self.service("reopen", stdout_file=str(self.root / "reopen" / "out.log"))
+        svc.must("start")
+        svc.wait_ready()
+        out = self.root / "reopen" / "out.log"
+        times: dict[str, list[float]] = {"reopen": [], "status": []}
+        count = self.trials(30, 10)
+        for number in range(count + 3):
+            out.rename(out.with_name("out.log.1"))
+            ms, _cpu, result = timed_run([*HADCTL, "-c", str(svc.config), "reopen-logs"])
+            if result.returncode != 0:
+                raise BenchError(f"reopen-logs exited {result.returncode}: {result.stdout}{result.stderr}")
+            status_ms, _cpu, _result = timed_run([*HADCTL, "-c", str(svc.config), "status"])
+            if number >= 3:
+                times["reopen"].append(ms)
+                times["status"].append(status_ms)
+        reopen, status = percentile(times["reopen"], 50), percentile(times["status"], 50)
+        self.rows.append(Row("reopen_logs_wall", "reopen-logs wall time (main + standby)", "ms", times["reopen"],
+                             "(informational)", None, perl="-",
+                             notes=f"median {reopen:.1f} ms against status {status:.1f} ms run alike"))
+
     def scenario_rss(self) -> None:
         svc = self.service("rss")
         svc.must("start")
@@ -878,7 +901,7 @@ def _installed_package() -> Path | None:
 
 
 SCENARIOS = ["failover", "failover_busy", "pool", "restart", "stop_start", "fork", "idle", "status", "rss", "many",
-             "zookeeper"]
+             "zookeeper", "reopen"]
 ALIASES = {  # row names and short words -> scenario
     "pool_whole": "pool", "restart_gap": "restart", "restart_wall": "restart", "stop": "stop_start",
     "start": "stop_start", "stop_wall": "stop_start", "start_wall": "stop_start",
@@ -886,6 +909,7 @@ ALIASES = {  # row names and short words -> scenario
     "standby_rss": "rss", "status_all": "many", "status_all_100": "many", "start_100": "many", "busy": "failover_busy",
     "failover_no_respawn": "fork", "import_click": "status", "python_pass": "status", "stop_100": "many",
     "zk": "zookeeper",
+    "reopen_logs_wall": "reopen",
 }
 
 
