@@ -790,10 +790,14 @@ class Bench:
     def scenario_reopen(self) -> None:
         """reopen-logs after a rename, as logrotate's postrotate runs it: the wall time
         until every worker writes to the new files (it waits for that), beside status."""
-        svc = self.service("reopen", stdout_file=str(self.root / "reopen" / "out.log"))
+        # a main that runs Python code (benchsvc waits in sigwait, where no Python handler runs)
+        svc = self.service("reopen", stdout_file=str(self.root / "reopen" / "out.log"),
+                           entrypoint="tests.services.writer:write", python_path=[str(HERE.parent.parent)],
+                           env={"RATE": "100"})
         svc.must("start")
-        svc.wait_ready()
         out = self.root / "reopen" / "out.log"
+        wait_until(lambda: out.exists() and out.stat().st_size > 0 and (svc.pid_dir / "standby-1.pid").exists(),
+                   30, "the writer's first lines and a standby")
         times: dict[str, list[float]] = {"reopen": [], "status": []}
         count = self.trials(30, 10)
         for number in range(count + 3):
