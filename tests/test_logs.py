@@ -202,3 +202,16 @@ def test_syslog_output_reaches_rsyslogd_with_tag_facility_and_severity(
     missing = {n for n in stdout if n % 10 == 0} - {int(s[4:]) for s in stderr}
     assert missing <= {stdout[-1]}, f"stderr lines lost: {sorted(missing)[:10]}"  # (killed between the two writes)
     assert any(f[0] != f"shipper[{main}]:" and f[0].startswith("shipper[") for f in lines), "the new main's lines"
+
+
+def test_syslog_lines_go_to_the_log_file_when_no_syslogd_listens(
+        service: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HADCTL_SYSLOG_SOCKET", str(tmp_path / "nobody-listens.sock"))
+    svc = service(entrypoint="tests.services.writer:write", stdout_file="syslog", env={"RATE": "200"})
+    svc.run("start", check=True)
+    wait_until(lambda: "[syslog unreachable" in svc.log_file.read_text(), 10, "undelivered lines in log_file")
+    svc.run("stop", check=True)
+    kept = [line.rsplit(": ", 1)[1] for line in svc.log_file.read_text().splitlines()
+            if line.startswith("[syslog unreachable") and "svc[" in line]
+    _assert_consecutive([int(x) for x in kept], "stdout kept in log_file")
+    assert kept[0] == "1"

@@ -181,8 +181,9 @@ class _Sender:
         import time
 
         line = line.rstrip(b"\r")
-        stamp = time.strftime("%d %H:%M:%S", time.localtime()).encode()
-        month = b"JanFebMarAprMayJunJulAugSepOctNovDec"[(time.localtime().tm_mon - 1) * 3:][:3]
+        now = time.localtime()  # RFC 3164: "Dec  2 18:49:45", English month, space-padded day
+        month = b"JanFebMarAprMayJunJulAugSepOctNovDec"[(now.tm_mon - 1) * 3:][:3]
+        stamp = b"%2d %02d:%02d:%02d" % (now.tm_mday, now.tm_hour, now.tm_min, now.tm_sec)
         for start in range(0, max(len(line), 1), MAX_LINE):
             message = b"<%d>%s %s %s: %s" % (priority, month, stamp, self.tag, line[start:start + MAX_LINE])
             for _attempt in (1, 2):
