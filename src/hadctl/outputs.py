@@ -118,12 +118,11 @@ class Outputs:
 
     def reopen(self) -> None:
         """Open each output file again by name and put it in place of the old one.
-        Never raises: a file that cannot be opened keeps its old fd (and is logged)."""
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
+        Never raises: a file that cannot be opened keeps its old fd (and is logged).
+
+        No flush of sys.stdout here: the handler may run inside its flush (a
+        reentrant call raises RuntimeError), and what is buffered goes to the new
+        file, which is where it belongs."""
         for fd, path in self.targets.items():
             if path == SYSLOG:
                 continue
