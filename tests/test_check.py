@@ -34,6 +34,11 @@ def test_every_bad_key_is_named_not_only_the_first(service: Any) -> None:
         assert sum(key in p for p in problems) == 1, (key, problems)
 
 
+def test_a_reopen_signal_the_workers_live_by_is_refused(service: Any) -> None:
+    problems = _problems(service(reopen_signal="TERM").run("check", check=6))
+    assert len(problems) == 1 and '"reopen_signal"' in problems[0]
+
+
 def test_unknown_user_and_group_are_both_named(service: Any) -> None:
     svc = service(user="no-such-user-hadctl", group="no-such-group-hadctl")
     problems = _problems(svc.run("check", check=6))

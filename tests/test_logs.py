@@ -215,3 +215,16 @@ def test_syslog_lines_go_to_the_log_file_when_no_syslogd_listens(
             if line.startswith("[syslog unreachable") and "svc[" in line]
     _assert_consecutive([int(x) for x in kept], "stdout kept in log_file")
     assert kept[0] == "1"
+
+
+def test_with_reopen_signal_hup_reload_reopens_instead_of_replacing_the_main(service: Any, tmp_path: Path) -> None:
+    out = tmp_path / "out.log"
+    svc = service(entrypoint="tests.services.writer:write", stdout_file=str(out), reopen_signal="HUP",
+                  env={"RATE": "200"})
+    svc.run("start", check=True)
+    main = svc.holders("main")[0]
+    wait_until(lambda: out.exists() and out.stat().st_size > 0, 10, "the writer's first lines")
+    out.rename(tmp_path / "out.log.1")
+    svc.run("reload", check=True)
+    wait_until(lambda: out.exists() and out.stat().st_size > 0, 10, "lines in the new file")
+    assert svc.holders("main") == [main]

@@ -105,9 +105,15 @@ def config_problems(path: str) -> tuple[list[str], ServiceConfig | None]:
     if problems:
         return problems, None
     try:
-        return [], config.load(path)
+        cfg = config.load(path)
     except HadctlError as exc:
         return [str(exc)], None
+    from .outputs import RESERVED
+
+    if cfg.reopen_signal in RESERVED:
+        problems.append(f'{cfg.config_file}: key "reopen_signal": {cfg.reopen_signal} is a signal the workers '
+                        "live by (TERM, INT, KILL, IO, ALRM, PIPE); choose another, such as USR2 or HUP")
+    return problems, cfg
 
 
 def _key_problem(path: str, where: str, key: str, value: Any, keys: dict[str, Any]) -> list[str]:

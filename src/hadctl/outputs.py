@@ -48,6 +48,8 @@ INFO, ERR = 6, 3
 _STDERR_FD = 3  # where the forwarder reads the stderr pipe (stdout's is its stdin)
 _ALIVE_FD = 4  # where it holds the service's alive lock
 MAX_LINE = 8000  # bytes of one datagram's message: longer lines go as several
+# Signals the worker itself lives by (leave, stop-file events, timers): never reopen_signal.
+RESERVED = ("TERM", "INT", "KILL", "IO", "ALRM", "PIPE")
 
 
 # ---------------------------------------------------------------- worker side
@@ -64,7 +66,15 @@ class Outputs:
         self.log = log
         self.targets = {1: spec.log_file, 2: spec.log_file}  # spawn.py's _stdio_to_log
         self.pipes: dict[int, int] = {}  # fd -> write end of the forwarder's pipe
-        lean.set_handler(lean.signum(spec.reopen_signal), self._on_reopen_signal)
+        self.catch()
+
+    def catch(self) -> None:
+        """Install the reopen handler (again as main: the worker resets HUP then)."""
+        if self.spec.reopen_signal in RESERVED:
+            self.log.error(f"reopen_signal {self.spec.reopen_signal} is the worker's own: "
+                           "output files are not reopened")
+            return
+        lean.set_handler(lean.signum(self.spec.reopen_signal), self._on_reopen_signal)
 
     def _on_reopen_signal(self, _signum: int, _frame: object) -> None:
         self.reopen()
@@ -104,6 +114,7 @@ class Outputs:
 
     def attach_main(self) -> None:
         """Point fds 1 and 2 at stdout_file and stderr_file (or the forwarder's pipes)."""
+        self.catch()
         for fd, path in ((1, self.spec.stdout_file), (2, self.spec.stderr_file)):
             pipe = self.pipes.pop(fd, -1)
             if pipe >= 0:
