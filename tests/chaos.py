@@ -346,6 +346,7 @@ class Chaos:
         self.layout = Layout(str(self.pid_dir), str(self.pid_dir / "lock"), str(self.pid_dir / "lock-standby"),
                              str(self.pid_dir / "standby-stop-file"))
         self.env = {**os.environ, MARKER_VARIABLE: self.marker, "HADC_NO_COLORS": "1",
+                    "HADCTL_PASS_ENV": f"{MARKER_VARIABLE} HADCTL_TEST_ID PYTHONPATH COVERAGE_*",
                     "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "src")])}
         self.kills: list[Kill] = []
         self.killed: set[int] = set()  # every pid chaos sent SIGKILL

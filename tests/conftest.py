@@ -56,6 +56,8 @@ def no_leftovers(monkeypatch: pytest.MonkeyPatch, parse_cache: Path) -> Any:
     marker = uuid.uuid4().hex
     monkeypatch.setenv("HADCTL_CACHE_DIR", str(parse_cache))
     monkeypatch.setenv("HADCTL_TEST_ID", marker)
+    # Workers get a defined environment, not ours: these names must still reach them.
+    monkeypatch.setenv("HADCTL_PASS_ENV", "HADCTL_TEST_ID PYTHONPATH COVERAGE_* HADC_TRACE")
     monkeypatch.setenv("HADC_NO_COLORS", "1")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), str(ROOT / "src")]))
     yield marker

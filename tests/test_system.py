@@ -87,7 +87,7 @@ def test_init_script_starts_reports_and_stops_the_service(odd_service, tmp_path)
     defaults = tmp_path / "etc default"
     defaults.write_text("EXTRA_VALUE='from init_config'\n")
     ledger = tmp_path / "ledger"
-    svc = odd_service(entrypoint="tests.services.basic:report_env",
+    svc = odd_service(entrypoint="tests.services.basic:report_env", pass_env=["EXTRA"],  # the script's export
                       env={"LEDGER": str(ledger), "REPORT": str(report)},
                       init={"init_config": str(defaults),
                             "init_code": 'EXTRA="$EXTRA_VALUE, then init_code"\nexport EXTRA'})

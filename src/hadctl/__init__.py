@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     import socket
 
 __version__ = "0.1.0"
-__all__ = ["fencing_token", "listen_sockets", "lock_fd", "ready", "slot", "warmup_result"]
+__all__ = ["fencing_token", "listen_sockets", "lock_fd", "ready", "reopen_outputs", "slot", "warmup_result"]
 
 # Filled in by hadctl.worker when this process becomes main.
 _state: dict[str, object] = {}
@@ -76,3 +76,11 @@ def listen_sockets() -> dict[str, socket.socket]:
             found[name] = socket.socket(fileno=3 + index)
     _state["listen_sockets"] = found
     return dict(found)
+
+
+def reopen_outputs() -> None:
+    """Reopen this worker's output files by name, as ``reopen_signal`` does. For code
+    that installs its own handler for that signal: call this from it."""
+    reopen = _state.get("reopen_outputs")
+    if callable(reopen):
+        reopen()

@@ -386,6 +386,9 @@ def status(cfg: ServiceConfig, holder_probe: flock.HolderProbe | None = None) ->
 
         steps, detail["listen"] = sockets.status(cfg, reports)
         svc.steps.extend(steps)
+    from .environment import slot_digests
+
+    detail["environment"] = slot_digests(reports)  # drift between workers shows as different digests
     if problem is not None:  # who holds the main slots is unknown: LSB status 4
         svc.steps.append(Step(problem, "Unknown", False))
         return svc.outcome("status", 4, reports, **detail)

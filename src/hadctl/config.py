@@ -143,6 +143,7 @@ class ServiceConfig:
     pass_env: tuple[str, ...] = ()
     reopen_signal: str = "USR2"
     syslog_facility: str = "daemon"
+    nice: int = 0
 
     @property
     def signal_timeout(self) -> float:
@@ -162,6 +163,7 @@ class ServiceConfig:
 
     def worker_spec(self) -> WorkerSpec:
         """What a spawned worker needs (spec.py); the host id is computed here, once."""
+        from .environment import build as build_environment
         from .lean import host_id
         from .spec import WorkerSpec
 
@@ -204,6 +206,11 @@ class ServiceConfig:
             locks_retries=locks.retries,
             listen_names=tuple(a.name for a in self.listen),
             host_id=host_id(),
+            nice=self.nice,
+            reopen_signal=self.reopen_signal,
+            syslog_facility=self.syslog_facility,
+            environment=tuple(build_environment(self).items()),
+            syslog_socket=os.environ.get("HADCTL_SYSLOG_SOCKET") or "/dev/log",
         )
 
 
@@ -497,6 +504,12 @@ def _env(value: Any) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
+def _nice(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not -20 <= value <= 19:
+        raise _Refusal(f"expected an integer from -20 to 19, got {_describe(value)}")
+    return value
+
+
 def _choice(*allowed: str) -> Check:
     def check(value: Any) -> str:
         if value not in allowed:
@@ -551,6 +564,7 @@ TOP_KEYS: dict[str, Check] = {
     "pass_env": _names,
     "reopen_signal": _signal_name,
     "syslog_facility": _choice(*FACILITIES),
+    "nice": _nice,
 }
 LOCKS_KEYS: dict[str, Check] = {
     "engine": _choice("flock", "zookeeper"),

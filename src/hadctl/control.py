@@ -20,12 +20,13 @@ import os
 
 from . import lean, owner, probe, safepath, spawn
 from . import slots as read_model
-from .config import ServiceConfig
+from .config import SYSLOG, ServiceConfig
 from .errors import ActionFailedError, BusyError, ConfigError, NotPermittedError
 from .layout import Layout, read_pid_file, remove_stale
 from .locks import flock
 from .log import Log, open_append
 from .model import Outcome, SlotReport, Step
+from .record import replace
 
 if lean.TYPE_CHECKING:
     from socket import socket
@@ -164,7 +165,7 @@ def prepare(svc: Service) -> None:
             raise NotPermittedError(f"cannot write in {folder}: Permission denied")
     for key, path in (("log_file", cfg.log_file), ("stdout_file", cfg.stdout_file),
                       ("stderr_file", cfg.stderr_file)):
-        if path is None:
+        if path is None or path == SYSLOG:  # "syslog": no file (outputs.py)
             continue
         try:
             fd, made = _open_output(path)
@@ -216,7 +217,7 @@ def check_paths(cfg: ServiceConfig) -> None:
                               ("locks.standby_path", cfg.locks.standby_path, True),
                               ("log_file", cfg.log_file, False), ("stdout_file", cfg.stdout_file, False),
                               ("stderr_file", cfg.stderr_file, False)):
-        if path is None:
+        if path is None or path == SYSLOG:  # "syslog": no file (outputs.py)
             continue
         try:
             safepath.check_walk(path)
@@ -370,9 +371,11 @@ def fill(svc: Service, reports: list[SlotReport]) -> int:
 
 
 def _spawn(svc: Service, count: int) -> list[spawn.Report]:
+    # the marker finds the workers if pid_dir is changed while they run; in the spec's
+    # environment, so that a standby a main spawns after a failover carries it too
     spec = svc.cfg.worker_spec()
+    spec = replace(spec, environment=(*spec.environment, (owner.VARIABLE, owner.marker(svc.cfg))))
     env = spawn.worker_environment(spec)
-    env[owner.VARIABLE] = owner.marker(svc.cfg)  # finds the workers if pid_dir is changed while they run
     listen_fds: tuple[int, ...] = ()
     if svc.cfg.listen:  # every socket in hand before the first fork
         from . import sockets

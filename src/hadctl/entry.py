@@ -55,16 +55,18 @@ class Action:
     stdout and is silenced by ``quiet``; otherwise failures go to stderr.
     ``fast``: run without click for ``-c FILE NAME``. ``init``: the LSB script offers it.
     ``every``: the function for ``--all`` (a folder of service files -> (outcomes, status)).
+    ``loads``: False when the function gets the service file's path and reads it itself
+    (check: to report every error of the file, not config.load's first).
     """
 
-    __slots__ = ("name", "aliases", "call", "help", "fast", "init", "options", "report", "every")
+    __slots__ = ("name", "aliases", "call", "help", "fast", "init", "options", "report", "every", "loads")
 
     def __init__(self, name: str, call: str, help: str, *, aliases: tuple[str, ...] = (),
                  fast: bool = True, init: bool = False, options: tuple[Option, ...] = (),
-                 report: bool = False, every: str | None = None) -> None:
+                 report: bool = False, every: str | None = None, loads: bool = True) -> None:
         self.name, self.call, self.help, self.aliases = name, call, help, aliases
         self.fast, self.init, self.options, self.report = fast, init, options, report
-        self.every = every
+        self.every, self.loads = every, loads
 
     def spellings(self) -> tuple[str, ...]:
         return (self.name, *self.aliases)
@@ -108,7 +110,26 @@ ACTIONS: tuple[Action, ...] = (
            help="Print an LSB init script that runs hadctl -c CONFIG ACTION (also get_init_file)."),
     Action("get-systemd-unit", "initfile.systemd_unit", fast=False,
            help="Print systemd units: the service, and a timer that runs fork every minute."),
+    Action("reopen-logs", "outputs.reopen_logs", aliases=("reopen_logs",), help=(
+        "Every worker reopens its output files by name (for logrotate's postrotate): sends "
+        "reopen_signal and waits until each writes to the new files. Exit 7 when nothing runs.")),
+    Action("get-logrotate", "outputs.get_logrotate", fast=False,
+           help="Print a logrotate stanza for the service's files, whose postrotate runs reopen-logs."),
+    Action("logs", "outputs.logs", fast=False, options=(
+        Option(("-f",), "follow", "Keep printing what is appended, across rotations."),
+        Option(("-n",), "lines", "How many lines to print first (default 10).", flag=False,
+               metavar="N"),
+        Option(("--stderr",), "stderr", "The main's stderr file instead of its stdout file."),
+        Option(("--hadctl",), "hadctl", "hadctl's own log (log_file)."),
+    ), help="Print the service's output (the main's stdout file), with -f following it across rotations."),
+    Action("check", "check.check", loads=False, options=(ALL, CONFIG_DIR), every="check.check_all", help=(
+        "Validate without starting anything: the config (every error), users and groups, folders, "
+        "the entrypoint and warmup imported as the service user, listen addresses, limits. "
+        "One line per problem and exit 6, else 0 with a summary.")),
 )
+
+# Options perform reads itself; any other option of a row is passed to its function by name.
+_PERFORM_OPTIONS = ("as_json", "every", "config_dir")
 
 
 def find(name: str) -> Action | None:
@@ -202,8 +223,9 @@ def perform(path: str | None, action: Action, options: dict[str, object] | None 
         return _perform_every(action.every, options, as_json)
     if not path:
         raise ValueError("perform: no config file")  # cli.py asks for -c before calling
-    cfg = load(path)
-    result = function(action.call)(cfg)
+    passed = {o.dest: options.get(o.dest) for o in action.options if o.dest not in _PERFORM_OPTIONS}
+    cfg = load(path) if action.loads else None
+    result = function(action.call)(path if cfg is None else cfg, **passed)
     if isinstance(result, bool) or result is None:
         raise TypeError(f"{action.call} returned {result!r}")
     if isinstance(result, int):
@@ -218,11 +240,12 @@ def perform(path: str | None, action: Action, options: dict[str, object] | None 
     else:
         from .render import write_lines
 
+        quiet = cfg is not None and cfg.quiet
         if action.report:
-            if not cfg.quiet:
+            if not quiet:
                 write_lines(result, sys.stdout, sys.stdout)  # type: ignore[arg-type]
         else:
-            write_lines(result, sys.stdout, sys.stderr, quiet=cfg.quiet)  # type: ignore[arg-type]
+            write_lines(result, sys.stdout, sys.stderr, quiet=quiet)  # type: ignore[arg-type]
     return int(result.exit_status)  # type: ignore[attr-defined]
 
 

@@ -4,7 +4,7 @@ The recipe, in the order it runs (APUE §13.3, "Coding Rules" for daemons):
 
   parent:      _fork_and_read_report   fork; feed the spec; reap the child
   child:       _become_session_leader, _fork_again_and_leave
-  grandchild:  _stdio_to_log, _drop_privileges, _set_umask, _chdir,
+  grandchild:  _stdio_to_log, _drop_privileges, _set_umask, _set_nice, _chdir,
                _reset_signals, _listen_fds_at_3, _close_fds, _exec_worker
 
 The grandchild execs a fresh interpreter (the worker), so a standby carries
@@ -121,14 +121,10 @@ class Spawned:
 
 
 def worker_environment(spec: WorkerSpec) -> dict[str, str]:
-    """The environment the worker starts with: ours, plus ``env``, HOME and USER."""
-    env = {k: v for k, v in os.environ.items() if k != "HADC_lock_fd" and k not in _LISTEN_VARIABLES}
-    env.update(spec.env)
-    if spec.user is not None:
-        env["USER"] = env["LOGNAME"] = spec.user
-    if spec.home is not None:
-        env["HOME"] = spec.home
-    return env
+    """The environment the worker starts with: the one the controller built
+    (environment.py), never the caller's own; systemd's LISTEN_* are set by the
+    worker itself, for its own pid."""
+    return {k: v for k, v in dict(spec.environment).items() if k not in _LISTEN_VARIABLES}
 
 
 def spawn(spec: WorkerSpec, env: dict[str, str], listen_fds: tuple[int, ...] = ()) -> Spawned:
@@ -243,6 +239,7 @@ def _run_grandchild(spec: WorkerSpec, env: dict[str, str], report_fd: int, spec_
     _stdio_to_log(spec.log_file)
     _drop_privileges(spec.uid, spec.gid, spec.user)
     _set_umask(spec.umask)
+    _set_nice(spec.nice)
     _chdir(spec.directory)
     _reset_signals()
     report_fd, spec_fd = _listen_fds_at_3(listen_fds, (report_fd, spec_fd))
@@ -283,10 +280,26 @@ def _drop_privileges(uid: int | None, gid: int | None, user: str | None) -> None
         os.setuid(uid)
 
 
+DEFAULT_UMASK = 0o022
+
+
 def _set_umask(umask: int | None) -> None:
-    """Apply the configured umask, so files the service creates get known modes."""
-    if umask is not None:
-        os.umask(umask)
+    """Apply the configured umask (022 when unset), so files the service creates
+    get the same modes whoever ran hadctl (cron's umask is not a person's)."""
+    os.umask(DEFAULT_UMASK if umask is None else umask)
+
+
+def _set_nice(nice: int) -> None:
+    """Set the configured nice value (0 when unset) rather than keep the caller's.
+
+    Lowering it needs CAP_SYS_NICE: without it the service keeps the caller's
+    value, and says so on stderr (the log), rather than not start.
+    """
+    try:
+        if os.getpriority(os.PRIO_PROCESS, 0) != nice:
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
+    except OSError as exc:
+        os.write(2, f"hadctl: cannot set nice {nice}: {exc.strerror}\n".encode())
 
 
 def _chdir(directory: str | None) -> None:
@@ -382,7 +395,7 @@ def spawn_from_worker(spec: WorkerSpec, close: tuple[int, ...] = (), alive_fd: i
             alive_copy = fcntl.fcntl(alive_fd, fcntl.F_DUPFD_CLOEXEC, 10 + listening)
             actions.append((os.POSIX_SPAWN_DUP2, alive_copy, _ALIVE_FD + listening))  # after the closes: it may be one
             spec = replace(spec, alive_fd=_ALIVE_FD + listening)
-        env = {k: v for k, v in os.environ.items() if k != "HADC_lock_fd"}
+        env = worker_environment(spec)
         pid = os.posix_spawn(sys.executable, [sys.executable, "-c", BOOT, "-1", str(spec_fd)], env,
                              file_actions=actions, setsid=True,
                              setsigdef=[lean.signum(n) for n in _RESET_SIGNALS],

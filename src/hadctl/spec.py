@@ -58,6 +58,12 @@ class WorkerSpec:
     locks_standby_max_procs: int = 1
     locks_interval: float = 1.0
     locks_retries: int | None = None
+    nice: int = 0
+    reopen_signal: str = "USR2"
+    syslog_facility: str = "daemon"
+    # not TOML keys (outputs and environment, built by the controller):
+    environment: tuple[tuple[str, str], ...] = ()  # environment.build: what every worker starts with
+    syslog_socket: str = "/dev/log"  # $HADCTL_SYSLOG_SOCKET of the controller, else /dev/log
     # not TOML keys:
     host_id: str = ""  # lean.host_id() of the controller's host, computed once there
     spawned_by_main: bool = False  # a main's replacement standby: the crash-loop back-off applies

@@ -57,7 +57,8 @@ from . import spawn as protocol
 from .entrypoint import EntrypointError, call, resolve
 from .locks import flock
 from .locks.engine import Engine, EngineError, GaveUp, Waits, worker_engine
-from .log import Log, open_append
+from .log import Log
+from .outputs import Outputs
 from .spawn import spawn_from_worker
 from .spec import read as read_spec
 
@@ -153,6 +154,8 @@ class Worker(Waits):
             _set_title(f"{self.name} - standby")
         sys.path[:0] = spec.python_path
         self._catch_signals()
+        self.outputs = Outputs(spec, self.log)  # reopen_signal: reopen our output files
+        hadctl._state["reopen_outputs"] = self.outputs.reopen
         self._watch_stop_file()
         try:
             alive = self._hold_alive_lock()
@@ -164,6 +167,7 @@ class Worker(Waits):
             paths.write_pid_file(self.pid_file, self.pid)
         except OSError as exc:
             return self.leave(protocol.ERROR, f"cannot write pid file {self.pid_file}: {exc.strerror}", 1)
+        self.outputs.start_forwarder(self.alive_fd)  # syslog output: started while a standby
         try:
             return self._run_with_pid_file()
         except (OSError, EngineError) as exc:  # ours, not the program's (entrypoint.call keeps those)
@@ -433,8 +437,7 @@ class Worker(Waits):
             os.kill(self.pid, asked_to_leave)
         if spec.process_name_change:
             _set_title(self.name)
-        _redirect(spec.stdout_file, 1)
-        _redirect(spec.stderr_file, 2)
+        self.outputs.attach_main()  # stdout_file, stderr_file (or the syslog forwarder)
         os.environ["HADC_lock_fd"] = str(fd)
         if spec.reset_close_on_exec_main_lock_fd:
             os.set_inheritable(fd, True)
@@ -478,12 +481,6 @@ class Worker(Waits):
             self.engine.release_main(slot, fd)
         self.log.info(f"main #{slot} returned, exit status {code}")
         return code
-
-
-def _redirect(path: str, target: int) -> None:
-    fd = open_append(path)
-    os.dup2(fd, target)
-    os.close(fd)
 
 
 def _is_file(fd: int, path: str) -> bool:

@@ -872,6 +872,33 @@ class Bench:
 
     # ------------------------------------------------------------------ standby RSS
 
+    def scenario_reopen(self) -> None:
+        """reopen-logs after a rename, as logrotate's postrotate runs it: the wall time
+        until every worker writes to the new files (it waits for that), beside status."""
+        # a main that runs Python code (benchsvc waits in sigwait, where no Python handler runs)
+        svc = self.service("reopen", stdout_file=str(self.root / "reopen" / "out.log"),
+                           entrypoint="tests.services.writer:write", python_path=[str(HERE.parent.parent)],
+                           env={"RATE": "100"})
+        svc.must("start")
+        out = self.root / "reopen" / "out.log"
+        wait_until(lambda: out.exists() and out.stat().st_size > 0 and (svc.pid_dir / "standby-1.pid").exists(),
+                   30, "the writer's first lines and a standby")
+        times: dict[str, list[float]] = {"reopen": [], "status": []}
+        count = self.trials(30, 10)
+        for number in range(count + 3):
+            out.rename(out.with_name("out.log.1"))
+            ms, _cpu, result = timed_run([*HADCTL, "-c", str(svc.config), "reopen-logs"])
+            if result.returncode != 0:
+                raise BenchError(f"reopen-logs exited {result.returncode}: {result.stdout}{result.stderr}")
+            status_ms, _cpu, _result = timed_run([*HADCTL, "-c", str(svc.config), "status"])
+            if number >= 3:
+                times["reopen"].append(ms)
+                times["status"].append(status_ms)
+        reopen, status = percentile(times["reopen"], 50), percentile(times["status"], 50)
+        self.rows.append(Row("reopen_logs_wall", "reopen-logs wall time (main + standby)", "ms", times["reopen"],
+                             "(informational)", None, perl="-",
+                             notes=f"median {reopen:.1f} ms against status {status:.1f} ms run alike"))
+
     def scenario_rss(self) -> None:
         svc = self.service("rss")
         svc.must("start")
@@ -1085,7 +1112,7 @@ def _installed_package() -> Path | None:
 
 
 SCENARIOS = ["failover", "failover_busy", "pool", "restart", "stop_start", "fork", "idle", "status", "rss", "many",
-             "zookeeper"]
+             "zookeeper", "reopen"]
 SCENARIOS.append("wrk")
 ALIASES = {  # row names and short words -> scenario
     "pool_whole": "pool", "restart_gap": "restart", "restart_wall": "restart", "stop": "stop_start",
@@ -1095,6 +1122,7 @@ ALIASES = {  # row names and short words -> scenario
     "failover_no_respawn": "fork", "import_click": "status", "python_pass": "status", "stop_100": "many",
     "zk": "zookeeper", "zk_samehost_failover_2": "zookeeper", "zk_status_local": "zookeeper",
     "zk_status_remote": "zookeeper", "zk_standby_rss": "zookeeper",
+    "reopen_logs_wall": "reopen",
 }
 
 
@@ -1139,6 +1167,7 @@ def main(argv: list[str] | None = None) -> int:
     # ...and let every process we start rewrite a .pyc that an edit made stale meanwhile.
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     os.environ["HADCTL_BENCH_ID"] = BENCH_ID
+    os.environ["HADCTL_PASS_ENV"] = "HADCTL_BENCH_ID PYTHONPATH"  # workers get a defined environment
     os.environ["HADC_NO_COLORS"] = "1"
     os.environ.pop("HADC_TRACE", None)
 
