@@ -74,9 +74,11 @@ def test_logrotate_100_rotations_of_a_live_service_lose_and_duplicate_nothing(se
     assert sum(1 for p in _rotated(out) if p.stat().st_size) >= 95
 
 
-def test_reopen_logs_moves_standbys_and_main_to_the_new_files(service: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mains", [1, 2], ids=["one main slot", "two: the standby waits in threads"])
+def test_reopen_logs_moves_standbys_and_main_to_the_new_files(service: Any, tmp_path: Path, mains: int) -> None:
     out = tmp_path / "out.log"
-    svc = service(entrypoint="tests.services.writer:write", stdout_file=str(out), env={"RATE": "200"})
+    svc = service(entrypoint="tests.services.writer:write", stdout_file=str(out), env={"RATE": "200"},
+                  locks={"max_procs": mains, "standby_max_procs": 1})
     svc.run("start", check=True)
     wait_until(lambda: out.exists() and out.stat().st_size > 0, 10, "the writer's first lines")
     out.rename(tmp_path / "out.log.1")

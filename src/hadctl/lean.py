@@ -45,6 +45,7 @@ SIGCONT: int = _signal.SIGCONT
 SIGSTOP: int = _signal.SIGSTOP
 SIGIO: int = _signal.SIGIO
 SIGPIPE: int = _signal.SIGPIPE
+SIGRTMIN: int = _signal.SIGRTMIN
 SIG_DFL: int = _signal.SIG_DFL
 SIG_IGN: int = _signal.SIG_IGN
 SIG_SETMASK: int = _signal.SIG_SETMASK

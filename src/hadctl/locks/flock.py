@@ -41,7 +41,9 @@ if lean.TYPE_CHECKING:
     from ..spec import WorkerSpec
     from .engine import Waits
 
-_CANCEL_SIGNAL = lean.SIGUSR2
+# A realtime signal no one else sends: USR2 is reopen_signal's default, and a
+# reopen-logs arriving while a standby waits must reach its handler, not ours.
+_CANCEL_SIGNAL = lean.SIGRTMIN + 1
 
 
 def open_lock_file(path: str) -> int:
