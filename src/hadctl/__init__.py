@@ -7,9 +7,10 @@ when the code runs outside hadctl (for example under ``hadctl foreground``).
 from __future__ import annotations
 
 import os
+from time import monotonic_ns as _monotonic_ns
 
 __version__ = "0.1.0"
-__all__ = ["ready", "slot", "warmup_result", "fencing_token", "lock_fd"]
+__all__ = ["alive", "ready", "slot", "warmup_result", "fencing_token", "lock_fd"]
 
 # Filled in by hadctl.worker when this process becomes main.
 _state: dict[str, object] = {}
@@ -18,6 +19,7 @@ _state: dict[str, object] = {}
 def ready() -> None:
     """Tell hadctl this main is ready to serve (``restart`` waits for it when
     ``ready_timeout`` is set). Call once, after your set-up; harmless to repeat."""
+    alive()
     path = _state.get("ready_file")
     if not isinstance(path, str):
         return
@@ -25,6 +27,15 @@ def ready() -> None:
     with open(temporary, "w") as handle:
         handle.write(f"{os.getpid()}\n")
     os.replace(temporary, path)
+
+
+def alive() -> None:
+    """Tell the watchdog this main is alive (``watchdog_timeout``): call it at least
+    that often. One store into a shared mapping, no system call; a no-op without a
+    watchdog. ``ready()`` counts as a beat, and so does the function's start."""
+    beat: object = _state.get("beat")
+    if beat is not None:
+        beat[0:8] = _monotonic_ns().to_bytes(8, "little")  # type: ignore[index]
 
 
 def slot() -> int | None:

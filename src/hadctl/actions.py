@@ -59,10 +59,24 @@ def fork(cfg: ServiceConfig) -> Outcome:
         if os.path.lexists(cfg.standby_stop_file):
             svc.say(f"not forking: standby stop file {cfg.standby_stop_file} exists", "Failed", ok=False)
             return svc.outcome("fork", 1)
+        _watchdog_check(svc)
         reports, stale = svc.slots()
         clean_stale(svc, stale)
         status = fill(svc, reports)
         return svc.outcome("fork", status, svc.slots()[0] if svc.steps else reports)
+
+
+def _watchdog_check(svc: Service) -> None:
+    """With a watchdog and no standby to watch, fork replaces a hung main (watchdog.py)."""
+    cfg = svc.cfg
+    if cfg.watchdog_timeout is None or cfg.locks.engine != "flock":
+        return
+    from . import watchdog
+
+    for slot in watchdog.check_from_controller(cfg.pid_dir, list(range(1, cfg.locks.max_procs + 1)),
+                                               lambda n: svc.layout.lock_file("main", n), cfg.watchdog_timeout,
+                                               cfg.watchdog_signal, cfg.signal_timeout, svc.log):
+        svc.say(f"main #{slot}: hung (silent for more than {cfg.watchdog_timeout:g} s), replaced", "Replaced")
 
 
 # ------------------------------------------------------------ stop, hard-restart
@@ -99,6 +113,7 @@ def _stop_locked(svc: Service) -> Outcome:
         stopped_any = True
         stopping.stop_round(svc, reports)
     left = stopping.wait_for_the_last(svc)
+    left += stopping.end_leftovers(svc)  # what the workers started (contain.py)
     reports, stale = svc.slots()
     reports += svc.extra_slots()
     clean_stale(svc, stale)

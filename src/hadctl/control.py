@@ -157,6 +157,9 @@ def prepare(svc: Service) -> None:
                 os.fchown(fd, ident.uid or 0, -1 if ident.gid is None else ident.gid)  # the file we opened
         finally:
             os.close(fd)
+    from .contain import prepare_for
+
+    prepare_for(cfg)  # the service's cgroup and its [limits] there (contain.py)
 
 
 def _link_refused(key: str, path: str) -> NotPermittedError:

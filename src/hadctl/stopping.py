@@ -13,7 +13,11 @@ main's hold from birth. So the workers a pid-file search would find (starting,
 backing off, a main that has returned but is still exiting) are exactly the
 holders of that lock, and they are ours without any guess from pid files.
 
-Imports control, errors, lean, locks.flock, model and probe; never click or rich.
+Leftovers (processes of the service that are no worker: a dead main's pool, a
+setsid daemon) are found by contain.py, by cgroup or marker, and ended last
+(``end_leftovers``).
+
+Imports contain, control, errors, lean, locks.flock, model and probe; never click or rich.
 """
 from __future__ import annotations
 
@@ -190,6 +194,38 @@ def wait_for_the_last(svc: Service) -> int:
     for pid in left:
         svc.say(f"pid {pid} (holding no slot) survived TERM and KILL", "Failed", ok=False)
     return len(left)
+
+
+def end_leftovers(svc: Service) -> int:
+    """After the workers: end every process of the service that is left (contain.py),
+    with the ``stop_signals`` ladder; returns how many survived, each named. With
+    ``kill_mode = "process"`` they are left running, and said so."""
+    from . import contain
+
+    cfg = svc.cfg
+    finder = contain.finder_for(cfg)
+    found = finder.members()
+    if found and cfg.kill_mode == "process":
+        svc.say(f"{len(found)} processes of the service left running (kill_mode = \"process\"): "
+                + " ".join(str(m.pid) for m in found), "OK")
+        return 0
+    if found:
+        svc.log.info(f"ending {len(found)} leftover processes ({finder.mode}): "
+                     + "; ".join(f"pid {m.pid}: {contain.command(m.pid)}" for m in found))
+    survivors = contain.end(finder, found, cfg.stop_signals, cfg.signal_timeout, svc.log.trace) if found else []
+    for pid in survivors:
+        svc.say(f"leftover pid {pid} ({contain.command(pid)}) survived {'/'.join(cfg.stop_signals)}", "Failed",
+                ok=False)
+    if found and not survivors:
+        svc.say(f"{len(found)} leftover processes", "Stopped")
+    if not survivors:
+        contain.remove_cgroup(finder.cgroup)
+    from .watchdog import beat_file, replaced_file
+
+    for slot in range(1, cfg.locks.max_procs + 1):
+        for path in (beat_file(cfg.pid_dir, slot), replaced_file(cfg.pid_dir, slot)):
+            remove(path)
+    return len(survivors)
 
 
 def _file_key(path: str) -> tuple[int, int, int]:
