@@ -384,10 +384,38 @@ def status(cfg: ServiceConfig, holder_probe: flock.HolderProbe | None = None) ->
         delay = _second_line(svc.layout.backoff_file)
         svc.steps.append(Step(f"crash loop: standby pid {found.pid} is backing off {delay} s", "Back-off", False))
         detail["backoff"] = {"pid": found.pid, "delay": float(delay) if delay else None}
+    _contain_status(svc, reports, detail)
     if problem is not None:  # who holds the main slots is unknown: LSB status 4
         svc.steps.append(Step(problem, "Unknown", False))
         return svc.outcome("status", 4, reports, **detail)
     return svc.outcome("status", status_code(reports), reports, **detail)
+
+
+def _contain_status(svc: Service, reports: list[SlotReport], detail: dict[str, object]) -> None:
+    """Containment mode, each main's figures with its descendants, leftovers, and mains
+    the watchdog or max_rss replaced (contain.py, watchdog.py); read from /proc."""
+    from . import contain, watchdog
+
+    cfg = svc.cfg
+    mains = [(r.slot, r.pid) for r in reports if r.role is Role.MAIN and r.pid is not None and r.host is None]
+    facts = contain.status_facts(cfg, mains)
+    for slot, pid in mains:
+        f = facts["mains"][str(slot)]  # type: ignore[index]
+        svc.steps.append(Step(f"main #{slot}: up {f['uptime']:.0f} s, rss {f['rss'] / 1048576:.1f} MB, "
+                              f"cpu {f['cpu']:.2f} s, {f['processes']} processes", "Figures", True))
+    replaced = {}
+    for slot in range(1, cfg.locks.max_procs + 1):
+        found = watchdog.read_replaced(cfg.pid_dir, slot)
+        if found is not None:
+            replaced[str(slot)] = found
+            why = "hung, replaced" if found["why"] == watchdog.HUNG else "over max_rss, replaced"
+            svc.steps.append(Step(f"main #{slot}: pid {found['pid']} {why}", "Replaced", False))
+    for item in facts["leftovers"]:  # type: ignore[attr-defined]
+        svc.steps.append(Step(f"leftover pid {item['pid']} of exited worker {item['owner']}: {item['command']}",
+                              "Leftover", False))
+    svc.steps.append(Step(f"containment: {facts['mode']}" + (f" {facts['cgroup']}" if facts["cgroup"] else ""),
+                          "OK", True))
+    detail["containment"] = {**facts, "replaced": replaced}
 
 
 def _second_line(path: str) -> str:

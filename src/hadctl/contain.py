@@ -446,3 +446,18 @@ def prepare_for(cfg: ServiceConfig) -> str:
 def finder_for(cfg: ServiceConfig) -> Finder:
     sid = service_id(cfg.name, cfg.pid_dir)
     return Finder(sid, cgroup_dir(sid))
+
+
+def status_facts(cfg: ServiceConfig, mains: list[tuple[int, int]]) -> dict[str, object]:
+    """What status shows of the containment: the mode, per main (``mains``: slot, pid)
+    its figures with its descendants, and the leftovers (members of no live worker)."""
+    finder = finder_for(cfg)
+    members = finder.members() if mains or os.path.isdir(cfg.pid_dir) else []
+    slots = {}
+    for slot, pid in mains:
+        tree = [pid] + [m.pid for m in members if m.owner == pid and m.pid != pid]
+        slots[str(slot)] = figures(tree)
+    workers = {m.pid for m in members if m.owner == m.pid}
+    leftovers = [{"pid": m.pid, "owner": m.owner, "command": command(m.pid)} for m in members
+                 if m.pid not in workers and m.owner not in workers and not probe.is_alive(m.owner)]
+    return {"mode": finder.mode, "cgroup": finder.cgroup or None, "mains": slots, "leftovers": leftovers}

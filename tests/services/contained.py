@@ -52,6 +52,28 @@ def with_leftovers() -> int:
     return serve()
 
 
+def with_stubborn_child() -> int:
+    """A setsid daemon that ignores TERM ($REPORT gets its pid), then serves."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        os.setsid()
+        if os.fork() == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            os.write(write, str(os.getpid()).encode())  # its TERM is ignored from now on
+            os.close(write)
+            while True:
+                signal.pause()
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    stubborn = int(os.read(read, 32))
+    os.close(read)
+    _write_report([stubborn])
+    return serve()
+
+
 def many_children() -> int:
     """$CHILDREN setsid daemons (each in its own session: the process group cannot reach them)."""
     pids = [_setsid_child() for _ in range(int(os.environ.get("CHILDREN", "50")))]
