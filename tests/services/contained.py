@@ -87,15 +87,25 @@ def beating() -> int:
     period = float(os.environ.get("BEAT", "0.05"))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    beats = 0
     while not stop.wait(period):
         hadctl.alive()
+        beats += 1
+        if beats % 10 == 0:
+            _ledger("beat")
     _ledger("exit")
     return 0
 
 
 def hangs() -> int:
     """Beats for $HEALTHY seconds, then hangs the way $HANG says: busy (a loop that never
-    beats), deadlock (a lock taken twice), stop (SIGSTOP to itself)."""
+    beats), deadlock (a lock taken twice), stop (SIGSTOP to itself). With $ONCE (a
+    path), only the first main hangs: the later ones beat like ``beating``."""
+    once = os.environ.get("ONCE")
+    if once:
+        if os.path.exists(once):
+            return beating()
+        open(once, "w").close()
     _ledger("enter")
     until = time.monotonic() + float(os.environ.get("HEALTHY", "0.3"))
     while time.monotonic() < until:
