@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 
 from conftest import pid_alive, wait_until
-
 from hadctl import contain
 
 CGROUP_HERE = bool(contain.cgroup_dir("probe"))

@@ -2,8 +2,6 @@
 max_rss, is replaced by the standby that waits for its slot; never two mains."""
 from __future__ import annotations
 
-import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -11,7 +9,6 @@ from typing import Any
 import pytest
 
 from conftest import pid_alive, wait_until
-
 from hadctl import watchdog
 
 

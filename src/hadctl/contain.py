@@ -34,7 +34,7 @@ import time
 from . import lean, probe
 
 if lean.TYPE_CHECKING:
-    from typing import Callable
+    from collections.abc import Callable
 
     from .config import ServiceConfig
 
@@ -217,6 +217,8 @@ class Finder:
         self.cgroup = cgroup if mode(cgroup) == CGROUP else ""
         self.mode = CGROUP if self.cgroup else MARKER_MODE
         self._needle = f"{MARKER}={sid}\0".encode()
+        # the cgroup as /proc/PID/cgroup names it: relative to the cgroup2 mount
+        self._line = "0::" + self.cgroup[len(cgroup2_mount() or ""):] if self.cgroup else ""
 
     def members(self) -> list[Member]:
         """Every live process of the service (zombies are gone already), but this
@@ -226,17 +228,15 @@ class Finder:
         return [m for m in found if m.pid not in mine and probe.is_alive(m.pid)]
 
     def _cgroup_members(self) -> list[Member]:
-        found = []
+        found: list[Member] = []
         for name in probe.listdir(self.cgroup):
             folder = os.path.join(self.cgroup, name)
             owner = int(name[len(_WORKER_PREFIX):]) if name.startswith(_WORKER_PREFIX) and \
                 name[len(_WORKER_PREFIX):].isdigit() else 0
             if not os.path.isdir(folder):
                 continue
-            for pid in _procs_below(folder):
-                found.append(Member(pid, owner or pid))
-        for pid in _ints(_read(os.path.join(self.cgroup, "cgroup.procs"))):
-            found.append(Member(pid, pid))
+            found.extend(Member(pid, owner or pid) for pid in _procs_below(folder))
+        found.extend(Member(pid, pid) for pid in _ints(_read(os.path.join(self.cgroup, "cgroup.procs"))))
         return found
 
     def _marker_members(self) -> list[Member]:
@@ -266,8 +266,7 @@ class Finder:
         """Checked once more after a pidfd is open on ``pid``: still of this service."""
         if self.cgroup:
             text = _read(f"/proc/{pid}/cgroup")
-            rel = "0::" + self.cgroup[len(cgroup2_mount() or ""):]
-            return any(line == rel or line.startswith(rel + "/") for line in text.splitlines())
+            return any(line == self._line or line.startswith(self._line + "/") for line in text.splitlines())
         return self._owner_by_marker(pid) is not None
 
     def leftovers(self, workers: set[int] | None = None) -> list[Member]:
@@ -353,7 +352,7 @@ def end(finder: Finder, members: list[Member], ladder: tuple[str, ...], timeout:
                     pass
             wait = timeout if number < len(ladder) - 1 else max(timeout, 1.0)
             left = set(probe.wait_for_exit([f for _p, f in targets], time.monotonic() + wait))
-            for pid, pidfd in targets:
+            for _pid, pidfd in targets:
                 if pidfd not in left:
                     os.close(pidfd)
             targets = [(p, f) for p, f in targets if f in left]

@@ -7,8 +7,9 @@ import sys
 import threading
 import time
 
-import hadctl
 from tests.services.basic import _ledger, serve
+
+import hadctl
 
 
 def _write_report(pids: list[int]) -> None:
@@ -111,6 +112,7 @@ def hangs() -> int:
     while time.monotonic() < until:
         hadctl.alive()
         time.sleep(0.02)
+    hadctl.alive()  # the last beat: the "hang" line's time is the time of silence's start
     _ledger("hang")
     how = os.environ.get("HANG", "busy")
     if how == "busy":
@@ -137,6 +139,7 @@ def grows() -> int:
     while not stop.wait(0.05):
         if time.monotonic() > until:
             hoard.append(bytearray(int(os.environ.get("GROW", str(8 << 20)))))
+    hoard.clear()  # its memory goes back while it drains, not after its exit line
     time.sleep(0.05)  # draining: still serving, never two at once
     _ledger("exit")
     return 0
