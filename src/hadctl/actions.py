@@ -399,7 +399,7 @@ def _contain_status(svc: Service, reports: list[SlotReport], detail: dict[str, o
     cfg = svc.cfg
     mains = [(r.slot, r.pid) for r in reports if r.role is Role.MAIN and r.pid is not None and r.host is None]
     facts = contain.status_facts(cfg, mains)
-    for slot, pid in mains:
+    for slot, _pid in mains:
         f = facts["mains"][str(slot)]  # type: ignore[index]
         svc.steps.append(Step(f"main #{slot}: up {f['uptime']:.0f} s, rss {f['rss'] / 1048576:.1f} MB, "
                               f"cpu {f['cpu']:.2f} s, {f['processes']} processes", "Figures", True))

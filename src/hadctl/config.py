@@ -211,10 +211,10 @@ class ServiceConfig:
         from . import contain
 
         sid = contain.service_id(self.name, self.pid_dir)
-        return dict(service_id=sid, cgroup=contain.cgroup_dir(sid), kill_mode=self.kill_mode,
-                    stop_signals=tuple(self.stop_signals), signal_timeout=self.signal_timeout,
-                    watchdog_timeout=self.watchdog_timeout or 0.0, watchdog_signal=self.watchdog_signal,
-                    max_rss=self.max_rss or 0, rlimits=rlimits(self.limits))
+        return {"service_id": sid, "cgroup": contain.cgroup_dir(sid), "kill_mode": self.kill_mode,
+                "stop_signals": tuple(self.stop_signals), "signal_timeout": self.signal_timeout,
+                "watchdog_timeout": self.watchdog_timeout or 0.0, "watchdog_signal": self.watchdog_signal,
+                "max_rss": self.max_rss or 0, "rlimits": rlimits(self.limits)}
 
 
 # The rlimits every worker gets when [limits] leaves them unset: the same whoever ran

@@ -264,7 +264,7 @@ def unit_limits(cfg: ServiceConfig) -> list[str]:
         lines.append(f"CPUQuota={round(limits.cpu_max * 100)}%")
     if limits.pids_max is not None:
         lines.append(f"TasksMax={limits.pids_max}")
-    return (["# [limits] of the service file"] + lines) if lines else []
+    return ["# [limits] of the service file", *lines] if lines else []
 
 
 def systemd_units(cfg: ServiceConfig, hadctl: str) -> str:

@@ -84,7 +84,7 @@ def end(svc: Service, found: Targets, role: Role) -> list[SlotReport]:
             svc.log.trace(f"sending SIG{name} to {role.value} pid {target.pid}{' and its group' if group else ''}")
             target.signal(lean.signum(name), group)
             if name not in ("KILL", "CONT", "STOP"):
-                target.signal(lean.SIGCONT, group)  # a stopped process must run to act on it (systemd does so too)
+                target.signal(lean.SIGCONT, group)  # a stopped process must run to act on it (as systemd does)
         last = number == len(ladder) - 1
         alive = _still_alive(alive, time.monotonic() + (cfg.signal_timeout if not last else max(cfg.signal_timeout, 1.0)),
                              group)

@@ -880,7 +880,7 @@ class Bench:
                    f"{count} watchdog replacements")
         events = ledger_of(svc)
         samples, overlaps = [], 0
-        for index, (event, pid, at) in enumerate(events):
+        for index, (event, _pid, at) in enumerate(events):
             if event == "hang":
                 following = [e for e in events[index + 1:] if e[0] == "enter"]
                 if following:
@@ -899,8 +899,8 @@ class Bench:
         for name, settings in (("watchdog_wakeups", {"watchdog_timeout": timeout}), ("contain_idle_wakeups", {})):
             svc = contained(name.replace("_", "-"), "beating", {"BEAT": "0.02"}, **settings)
             svc.must("start")
-            standby = wait_until(lambda: (p := svc.pid("standby")) and blocked_in_flock_on(p, svc.main_lock) and p,
-                                 30, "a standby waiting in flock")
+            standby = wait_until(lambda svc=svc: (p := svc.pid("standby")) and  # type: ignore[misc]
+                                 blocked_in_flock_on(p, svc.main_lock) and p, 30, "a standby waiting in flock")
             time.sleep(0.5)  # settle: its start-up is not counted
             before = context_switches(standby)[0]
             time.sleep(window)  # the measurement window itself
@@ -923,7 +923,7 @@ class Bench:
                    f"{count} max_rss recycles")
         events = ledger_of(svc)
         gaps = []
-        for index, (event, pid, at) in enumerate(events):
+        for index, (event, _pid, at) in enumerate(events):
             if event == "exit":
                 following = [e for e in events[index + 1:] if e[0] == "enter"]
                 if following:
@@ -944,7 +944,8 @@ class Bench:
                 if entrypoint == "many_children":
                     wait_until(report.exists, 30, "50 children started")
                 else:
-                    wait_until(lambda: any(e[0] == "enter" for e in ledger_of(svc)), 30, "the main")
+                    wait_until(lambda svc=svc: any(e[0] == "enter" for e in ledger_of(svc)),  # type: ignore[misc]
+                               30, "the main")
                 ms, _result = svc.must("stop")
                 walls.append(ms)
             if entrypoint == "many_children":
