@@ -165,3 +165,15 @@ def test_systemd_unit_maps_limits(service: Any) -> None:
     unit = svc.run("get-systemd-unit", check=True).stdout
     for line in ("LimitNOFILE=4096", f"MemoryMax={1 << 30}", "CPUQuota=50%", "TasksMax=100"):
         assert line in unit.splitlines()
+
+
+def test_restart_ends_what_the_replaced_main_started(service: Any, tmp_path: Path, mode: str) -> None:
+    svc, report = _leftover_service(service, tmp_path)
+    svc.run("start", check=True)
+    first = _children(report)
+    svc.run("restart", check=True)
+    # restart has waited for the old main's exit, then ended what it left (the setsid daemon)
+    assert not any(pid_alive(p) for p in first)
+    second = _children(report, " ".join(map(str, first)))
+    svc.run("stop", check=True)
+    assert not any(pid_alive(p) for p in second)

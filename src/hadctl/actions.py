@@ -213,6 +213,7 @@ def _hand_over(svc: Service, report: SlotReport) -> bool:
                         "restart stopped there", "Failed", ok=False)
                 return False
         svc.say(f"main #{report.slot} (pid {report.pid}) replaced by pid {holder}", "OK")
+        stopping.end_dead_leftovers(svc)  # what the replaced main started (contain.py)
         return True
     finally:
         watch.close()
@@ -413,8 +414,9 @@ def _contain_status(svc: Service, reports: list[SlotReport], detail: dict[str, o
     for item in facts["leftovers"]:  # type: ignore[attr-defined]
         svc.steps.append(Step(f"leftover pid {item['pid']} of exited worker {item['owner']}: {item['command']}",
                               "Leftover", False))
-    svc.steps.append(Step(f"containment: {facts['mode']}" + (f" {facts['cgroup']}" if facts["cgroup"] else ""),
-                          "OK", True))
+    if mains or facts["leftovers"]:  # (JSON has the mode always)
+        svc.steps.append(Step(f"containment: {facts['mode']}" + (f" {facts['cgroup']}" if facts["cgroup"] else ""),
+                              "OK", True))
     detail["containment"] = {**facts, "replaced": replaced}
 
 

@@ -35,6 +35,7 @@ from . import lean, probe
 
 if lean.TYPE_CHECKING:
     from collections.abc import Callable
+    from typing import Any
 
     from .config import ServiceConfig
 
@@ -360,6 +361,27 @@ def end(finder: Finder, members: list[Member], ladder: tuple[str, ...], timeout:
     finally:
         for _pid, pidfd in targets:
             os.close(pidfd)
+
+
+def sweep(finder: Finder, alive_lock: str, ladder: tuple[str, ...], timeout: float, log: Any, who: str) -> int:
+    """End the leftovers of exited workers (``Finder.leftovers``; never a holder of the
+    service's alive lock, which only workers hold), logged with pids and commands as
+    ended by ``who``; then remove the emptied cgroup children. Returns how many survived."""
+    found = finder.leftovers()
+    if found:
+        from .locks.flock import holders_of
+
+        workers = set(holders_of(alive_lock))
+        found = [m for m in found if m.pid not in workers]
+    if found:
+        log.warn(f"{who}: ending {len(found)} leftover processes of exited workers: "
+                 + "; ".join(f"pid {m.pid} of {m.owner}: {command(m.pid)}" for m in found))
+        survivors = end(finder, found, ladder, timeout, log.trace)
+        if survivors:
+            log.error(f"leftover processes survived {'/'.join(ladder)}: " + " ".join(map(str, survivors)))
+    if finder.cgroup:
+        remove_empty(finder.cgroup)
+    return len(survivors) if found else 0
 
 
 # ------------------------------------------------------------ figures

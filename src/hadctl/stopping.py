@@ -230,6 +230,16 @@ def end_leftovers(svc: Service) -> int:
     return len(survivors)
 
 
+def end_dead_leftovers(svc: Service) -> None:
+    """restart, once a main is replaced: with ``kill_mode = "group"``, end what it left
+    behind (the new main's own sweep may have run while the old one was still exiting)."""
+    from . import contain
+
+    if svc.cfg.kill_mode == "group":
+        contain.sweep(contain.finder_for(svc.cfg), svc.layout.alive_lock, svc.cfg.stop_signals,
+                      svc.cfg.signal_timeout, svc.log, "restart")
+
+
 def _file_key(path: str) -> tuple[int, int, int]:
     """(major, minor, inode) of the file at ``path``, opened never through a symlink
     (OSError ELOOP): its user may write in pid_dir, and a link there swapped in while

@@ -268,25 +268,9 @@ class Worker(Waits):
         daemons), logged with pids and commands; called once the slot is ours, beside
         the function, so the failover is not delayed by it."""
         spec = self.spec
-        if spec.kill_mode != "group":
-            return
-        finder = contain.Finder(spec.service_id, spec.cgroup)
-        found = finder.leftovers()
-        if found:
-            workers = set(flock.holders_of(self.layout.alive_lock))
-            found = [m for m in found if m.pid not in workers]
-        if not found:
-            if finder.cgroup:
-                contain.remove_empty(finder.cgroup)
-            return
-        self.log.warn(f"main #{hadctl.slot()} (pid {self.pid}): ending {len(found)} leftover processes of exited "
-                      "workers: " + "; ".join(f"pid {m.pid} of {m.owner}: {contain.command(m.pid)}" for m in found))
-        survivors = contain.end(finder, found, spec.stop_signals, spec.signal_timeout, self.log.trace)
-        if survivors:
-            self.log.error(f"leftover processes survived {'/'.join(spec.stop_signals)}: "
-                           + " ".join(str(p) for p in survivors))
-        if finder.cgroup:
-            contain.remove_empty(finder.cgroup)
+        if spec.kill_mode == "group":
+            contain.sweep(contain.Finder(spec.service_id, spec.cgroup), self.layout.alive_lock, spec.stop_signals,
+                          spec.signal_timeout, self.log, f"main #{hadctl.slot()} (pid {self.pid})")
 
     def _import(self, target: str, key: str) -> Callable[..., Any] | None:
         """Import ``module:function``; on failure report ``import-error`` and return None."""
@@ -514,6 +498,8 @@ class Worker(Waits):
             from .watchdog import start_beats
 
             hadctl._state["beat"] = start_beats(spec.pid_dir, slot, self.pid)
+            # a child's alive() must not keep a hung main alive: the mapping is shared
+            os.register_at_fork(after_in_child=lambda: hadctl._state.pop("beat", None))
         settled = None
         if standby_fd >= 0:
             # A promoted standby: the kernel just gave it the slot of a main that died,
