@@ -213,8 +213,9 @@ class Member:
 class Finder:
     """Finds the members of one service, in the mode in force."""
 
-    def __init__(self, sid: str, cgroup: str) -> None:
+    def __init__(self, sid: str, cgroup: str, environs: dict[int, bytes] | None = None) -> None:
         self.sid = sid
+        self.environs = environs  # pid -> /proc/PID/environ, shared by the services of one status --all
         self.cgroup = cgroup if mode(cgroup) == CGROUP else ""
         self.mode = CGROUP if self.cgroup else MARKER_MODE
         self._needle = f"{MARKER}={sid}\0".encode()
@@ -249,12 +250,16 @@ class Finder:
                     found.append(Member(int(name), owner))
         return found
 
-    def _owner_by_marker(self, pid: int) -> int | None:
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as handle:
-                data = b"\0" + handle.read()
-        except OSError:
-            return None
+    def _owner_by_marker(self, pid: int, cached: bool = True) -> int | None:
+        data = self.environs.get(pid) if cached and self.environs is not None else None
+        if data is None:
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as handle:
+                    data = b"\0" + handle.read()
+            except OSError:
+                data = b""
+            if self.environs is not None:
+                self.environs[pid] = data
         if b"\0" + self._needle not in data:
             return None
         start = data.find(f"\0{OWNER}=".encode())
@@ -268,7 +273,7 @@ class Finder:
         if self.cgroup:
             text = _read(f"/proc/{pid}/cgroup")
             return any(line == self._line or line.startswith(self._line + "/") for line in text.splitlines())
-        return self._owner_by_marker(pid) is not None
+        return self._owner_by_marker(pid, cached=False) is not None
 
     def leftovers(self, workers: set[int] | None = None) -> list[Member]:
         """Members whose worker has exited: what a dead main left behind. Processes
@@ -464,15 +469,18 @@ def prepare_for(cfg: ServiceConfig) -> str:
     return found
 
 
-def finder_for(cfg: ServiceConfig) -> Finder:
+_STATUS_ENVIRONS: dict[int, bytes] = {}  # a controller is short-lived: one read of each environ per command
+
+
+def finder_for(cfg: ServiceConfig, environs: dict[int, bytes] | None = None) -> Finder:
     sid = service_id(cfg.name, cfg.pid_dir)
-    return Finder(sid, cgroup_dir(sid))
+    return Finder(sid, cgroup_dir(sid), environs)
 
 
 def status_facts(cfg: ServiceConfig, mains: list[tuple[int, int]]) -> dict[str, object]:
     """What status shows of the containment: the mode, per main (``mains``: slot, pid)
     its figures with its descendants, and the leftovers (members of no live worker)."""
-    finder = finder_for(cfg)
+    finder = finder_for(cfg, _STATUS_ENVIRONS)
     members = finder.members() if mains or os.path.isdir(cfg.pid_dir) else []
     slots = {}
     for slot, pid in mains:
