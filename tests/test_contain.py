@@ -56,7 +56,8 @@ def test_failover_ends_the_dead_mains_leftovers_then_stop_ends_the_rest(service:
     status = svc.status()
     assert status["containment"]["mode"] == mode
     assert status["containment"]["mains"]["1"]["processes"] == 4  # the main and its three children
-    svc.run("stop", check=True)
+    result = svc.run("stop", check=True)
+    assert "1 leftover processes [Stopped]" in result.stdout  # the setsid daemon: its group was not the main's
     assert not any(pid_alive(p) for p in second)
     if mode == "cgroup":
         assert not os.path.exists(status["containment"]["cgroup"])

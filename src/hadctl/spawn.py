@@ -44,6 +44,24 @@ _OWNER_SHIM = f'{contain.OWNER}=$$; export {contain.OWNER}; exec "$0" -c "$1" -1
 _RESET_SIGNALS = ("HUP", "INT", "QUIT", "TERM", "USR1", "USR2", "PIPE", "CHLD", "TTIN", "TTOU", "TSTP")
 
 
+_IN_FLIGHT: set[int] = set()  # fds made for a spawn under way, which a fork meanwhile must not keep
+
+
+def _close_in_flight() -> None:
+    """In a child forked (by the main's own code) while spawn_from_worker ran in the
+    settling thread: the copy of the alive lock's fd must not live on there, or that
+    child would hold the alive lock, pass for a worker, and outlive its main unseen."""
+    for fd in list(_IN_FLIGHT):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _IN_FLIGHT.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_flight)
+
+
 # The report protocol: one line per spawned process, "KIND [SLOT] PID [MESSAGE]".
 MAIN = "main"  # took main slot SLOT and runs the function
 STANDBY = "standby"  # took standby slot SLOT and waits for a main slot
@@ -390,6 +408,7 @@ def spawn_from_worker(spec: WorkerSpec, close: tuple[int, ...] = (), alive_fd: i
         if alive_fd >= 0:
             # a copy above 3 first: were it fd 3, the spec pipe's dup2 would replace it
             alive_copy = fcntl.fcntl(alive_fd, fcntl.F_DUPFD_CLOEXEC, 10)
+            _IN_FLIGHT.add(alive_copy)
             actions.append((os.POSIX_SPAWN_DUP2, alive_copy, _ALIVE_FD))  # after the closes: 4 may be one
             spec = replace(spec, alive_fd=_ALIVE_FD)
         env = {k: v for k, v in os.environ.items() if k not in ("HADC_lock_fd", contain.OWNER)}
@@ -407,6 +426,7 @@ def spawn_from_worker(spec: WorkerSpec, close: tuple[int, ...] = (), alive_fd: i
             pass  # it will try itself, and report what is wrong with pid_dir
         os.write(spec_write, frame(spec))
     finally:
+        _IN_FLIGHT.discard(alive_copy)
         for fd in (spec_read, spec_write, log, alive_copy):
             if fd >= 0:
                 os.close(fd)
