@@ -107,7 +107,11 @@ def _note_replaced(pid_dir: str, slot: int, pid: int, why: str) -> None:
     path = replaced_file(pid_dir, slot)
     temporary = f"{path}.{os.getpid()}.tmp"
     try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        # pid_dir is the service user's, and fork may run as root: never write through a
+        # name that user may have prepared (a link); only into a file made here and now
+        if os.path.lexists(temporary):
+            os.unlink(temporary)
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         try:
             os.write(fd, f"{pid} {why} {time.time():.3f}\n".encode())
         finally:
