@@ -465,6 +465,7 @@ def prepare_for(cfg: ServiceConfig) -> str:
     limits = cfg.limits
     problems = apply_limits(cgroup, limits.memory_max, limits.cpu_max, limits.pids_max)
     if problems:
+        remove_cgroup(cgroup)  # bad input leaves state as it was (unless something runs in it)
         raise ConfigError(f"{cfg.config_file}: " + "; ".join(problems))
     return found
 

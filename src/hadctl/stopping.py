@@ -210,6 +210,7 @@ def end_leftovers(svc: Service) -> int:
     if found and cfg.kill_mode == "process":
         svc.say(f"{len(found)} processes of the service left running (kill_mode = \"process\"): "
                 + " ".join(str(m.pid) for m in found), "OK")
+        contain.remove_cgroup(finder.cgroup)  # what is empty of it
         return 0
     if found:
         svc.log.info(f"ending {len(found)} leftover processes ({finder.mode}): "
@@ -220,8 +221,7 @@ def end_leftovers(svc: Service) -> int:
                 ok=False)
     if found and not survivors:
         svc.say(f"{len(found)} leftover processes", "Stopped")
-    if not survivors:
-        contain.remove_cgroup(finder.cgroup)
+    contain.remove_cgroup(finder.cgroup)  # what is empty of it (a populated cgroup cannot be removed)
     from .watchdog import beat_file, replaced_file
 
     for slot in range(1, cfg.locks.max_procs + 1):
