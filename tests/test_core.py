@@ -158,6 +158,7 @@ def test_runs_as_configured_user_with_umask_directory_env_and_titles(service, mo
 def test_main_with_a_forked_child_still_hands_over(service, tmp_path):
     report = tmp_path / "child"
     svc = service(entrypoint="tests.services.basic:with_child", respawn_standby=False,
+                  kill_mode="process",  # the child must outlive the failover to show it does not keep the slot
                   env={"REPORT": str(report), "LEDGER": str(tmp_path / "ledger")})
     svc.run("start", check=True)
     wait_until(report.exists, 5, "the child's pid")
@@ -167,6 +168,7 @@ def test_main_with_a_forked_child_still_hands_over(service, tmp_path):
     wait_until(lambda: svc.holders("main") == [standby], 5, "the standby to take the slot")
     assert pid_alive(child)  # the child lives on, yet did not keep the slot
     os.kill(child, signal.SIGKILL)
+    svc.write(**{**svc.settings, "kill_mode": "group"})  # so that the final stop ends the new main's child
 
 
 def test_stale_pid_file_naming_an_unrelated_process_is_not_running_and_not_signalled(service):

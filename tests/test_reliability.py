@@ -486,6 +486,7 @@ def test_children_of_a_sigkilled_main_do_not_keep_its_slot(service, tmp_path):
     report = tmp_path / "children"
     ledger = tmp_path / "ledger"
     svc = service(entrypoint="tests.services.basic:with_children_everywhere", respawn_standby=False,
+                  kill_mode="process",  # they must outlive the failover to show none keeps the slot
                   env={"REPORT": str(report), "LEDGER": str(ledger)})
     svc.run("start", check=True)
     wait_until(report.exists, 10, "the children's pids")
@@ -505,6 +506,7 @@ def test_children_of_a_sigkilled_main_do_not_keep_its_slot(service, tmp_path):
         assert entered - killed_at < 1.0, f"the standby took {entered - killed_at:.3f} s"
         assert svc.holders("main") == [standby]
         assert all(pid_alive(child) for child in children)  # alive, yet none kept the slot
+        svc.write(**{**svc.settings, "kill_mode": "group"})  # so that the final stop ends the new main's children
     finally:
         for child in children:
             try:

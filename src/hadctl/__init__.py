@@ -8,6 +8,7 @@ hadctl (for example under ``hadctl foreground``).
 from __future__ import annotations
 
 import os
+from time import monotonic_ns as _monotonic_ns
 
 from .lean import TYPE_CHECKING
 
@@ -15,7 +16,7 @@ if TYPE_CHECKING:
     import socket
 
 __version__ = "0.1.0"
-__all__ = ["fencing_token", "listen_sockets", "lock_fd", "ready", "reopen_outputs", "slot", "warmup_result"]
+__all__ = ["alive", "fencing_token", "listen_sockets", "lock_fd", "ready", "reopen_outputs", "slot", "warmup_result"]
 
 # Filled in by hadctl.worker when this process becomes main.
 _state: dict[str, object] = {}
@@ -24,6 +25,7 @@ _state: dict[str, object] = {}
 def ready() -> None:
     """Tell hadctl this main is ready to serve (``restart`` waits for it when
     ``ready_timeout`` is set). Call once, after your set-up; harmless to repeat."""
+    alive()
     path = _state.get("ready_file")
     if not isinstance(path, str):
         return
@@ -31,6 +33,15 @@ def ready() -> None:
     with open(temporary, "w") as handle:
         handle.write(f"{os.getpid()}\n")
     os.replace(temporary, path)
+
+
+def alive() -> None:
+    """Tell the watchdog this main is alive (``watchdog_timeout``): call it at least
+    that often. One store into a shared mapping, no system call; a no-op without a
+    watchdog. ``ready()`` counts as a beat, and so does the function's start."""
+    beat: object = _state.get("beat")
+    if beat is not None:
+        beat[0:8] = _monotonic_ns().to_bytes(8, "little")  # type: ignore[index]
 
 
 def slot() -> int | None:

@@ -61,12 +61,26 @@ def fork(cfg: ServiceConfig) -> Outcome:
         if os.path.lexists(cfg.standby_stop_file):
             svc.say(f"not forking: standby stop file {cfg.standby_stop_file} exists", "Failed", ok=False)
             return svc.outcome("fork", 1)
+        _watchdog_check(svc)
         reports, stale = svc.slots()
         clean_stale(svc, stale)
         if not all(r.running for r in reports) and suspect(svc, reports):
             return svc.outcome("fork", 1, reports)  # a second main would start beside them
         status = fill(svc, reports)
         return svc.outcome("fork", status, svc.slots()[0] if svc.steps else reports)
+
+
+def _watchdog_check(svc: Service) -> None:
+    """With a watchdog and no standby to watch, fork replaces a hung main (watchdog.py)."""
+    cfg = svc.cfg
+    if cfg.watchdog_timeout is None or cfg.locks.engine != "flock":
+        return
+    from . import watchdog
+
+    for slot in watchdog.check_from_controller(cfg.pid_dir, list(range(1, cfg.locks.max_procs + 1)),
+                                               lambda n: svc.layout.lock_file("main", n), cfg.watchdog_timeout,
+                                               cfg.watchdog_signal, cfg.signal_timeout, svc.log):
+        svc.say(f"main #{slot}: hung (silent for more than {cfg.watchdog_timeout:g} s), replaced", "Replaced")
 
 
 # ------------------------------------------------------------ stop, hard-restart
@@ -103,6 +117,7 @@ def _stop_locked(svc: Service) -> Outcome:
         stopped_any = True
         stopping.stop_round(svc, reports)
     left = stopping.wait_for_the_last(svc)
+    left += stopping.end_leftovers(svc)  # what the workers started (contain.py)
     reports, stale = svc.slots()
     reports += svc.extra_slots()
     clean_stale(svc, stale)
@@ -207,6 +222,7 @@ def _hand_over(svc: Service, report: SlotReport) -> bool:
                         "restart stopped there", "Failed", ok=False)
                 return False
         svc.say(f"main #{report.slot} (pid {report.pid}) replaced by pid {holder}", "OK")
+        stopping.end_dead_leftovers(svc)  # what the replaced main started (contain.py)
         return True
     finally:
         watch.close()
@@ -389,10 +405,39 @@ def status(cfg: ServiceConfig, holder_probe: flock.HolderProbe | None = None) ->
     from .environment import slot_digests
 
     detail["environment"] = slot_digests(reports)  # drift between workers shows as different digests
+    _contain_status(svc, reports, detail)
     if problem is not None:  # who holds the main slots is unknown: LSB status 4
         svc.steps.append(Step(problem, "Unknown", False))
         return svc.outcome("status", 4, reports, **detail)
     return svc.outcome("status", 1 if doubtful else status_code(reports), reports, **detail)
+
+
+def _contain_status(svc: Service, reports: list[SlotReport], detail: dict[str, object]) -> None:
+    """Containment mode, each main's figures with its descendants, leftovers, and mains
+    the watchdog or max_rss replaced (contain.py, watchdog.py); read from /proc."""
+    from . import contain, watchdog
+
+    cfg = svc.cfg
+    mains = [(r.slot, r.pid) for r in reports if r.role is Role.MAIN and r.pid is not None and r.host is None]
+    facts = contain.status_facts(cfg, mains)
+    for slot, _pid in mains:
+        f = facts["mains"][str(slot)]  # type: ignore[index]
+        svc.steps.append(Step(f"main #{slot}: up {f['uptime']:.0f} s, rss {f['rss'] / 1048576:.1f} MB, "
+                              f"cpu {f['cpu']:.2f} s, {f['processes']} processes", "Figures", True))
+    replaced = {}
+    for slot in range(1, cfg.locks.max_procs + 1):
+        found = watchdog.read_replaced(cfg.pid_dir, slot)
+        if found is not None:
+            replaced[str(slot)] = found
+            why = "hung, replaced" if found["why"] == watchdog.HUNG else "over max_rss, replaced"
+            svc.steps.append(Step(f"main #{slot}: pid {found['pid']} {why}", "Replaced", False))
+    for item in facts["leftovers"]:  # type: ignore[attr-defined]
+        svc.steps.append(Step(f"leftover pid {item['pid']} of exited worker {item['owner']}: {item['command']}",
+                              "Leftover", False))
+    if mains or facts["leftovers"]:  # (JSON has the mode always)
+        svc.steps.append(Step(f"containment: {facts['mode']}" + (f" {facts['cgroup']}" if facts["cgroup"] else ""),
+                              "OK", True))
+    detail["containment"] = {**facts, "replaced": replaced}
 
 
 def _second_line(path: str) -> str:

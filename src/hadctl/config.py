@@ -211,7 +211,40 @@ class ServiceConfig:
             syslog_facility=self.syslog_facility,
             environment=tuple(build_environment(self).items()),
             syslog_socket=os.environ.get("HADCTL_SYSLOG_SOCKET") or "/dev/log",
+            **self._contain_fields(),
         )
+
+    def _contain_fields(self) -> dict[str, Any]:
+        """The worker spec's containment, watchdog and limits fields (contain.py)."""
+        from . import contain
+
+        return {"service_id": contain.marker(self.name, self.config_file),
+                "cgroup": contain.cgroup_dir(contain.service_id(self.name, self.pid_dir)), "kill_mode": self.kill_mode,
+                "stop_signals": tuple(self.stop_signals), "signal_timeout": self.signal_timeout,
+                "watchdog_timeout": self.watchdog_timeout or 0.0, "watchdog_signal": self.watchdog_signal,
+                "max_rss": self.max_rss or 0, "rlimits": rlimits(self.limits)}
+
+
+# The rlimits every worker gets when [limits] leaves them unset: the same whoever ran
+# hadctl. nofile: soft 4096 (the hard limit kept, the soft capped by it); core: 0
+# (a watchdog's ABRT leaves no core unless asked); nproc, memlock, as: inherited.
+DEFAULT_RLIMITS = {"nofile": (4096, -2), "core": (0, 0)}
+_RLIMIT_NAMES = {"nofile": "RLIMIT_NOFILE", "nproc": "RLIMIT_NPROC", "core": "RLIMIT_CORE",
+                 "memlock": "RLIMIT_MEMLOCK", "address_space": "RLIMIT_AS"}
+
+
+def rlimits(limits: LimitsConfig) -> tuple[tuple[int, int, int], ...]:
+    """(RLIMIT_*, soft, hard) for each rlimit a worker gets: the [limits] value as both
+    soft and hard, else DEFAULT_RLIMITS (-1 infinity, -2 the inherited hard limit)."""
+    import resource
+
+    found = []
+    for key, constant in _RLIMIT_NAMES.items():
+        value = getattr(limits, key)
+        pair = (value, value) if value is not None else DEFAULT_RLIMITS.get(key)
+        if pair is not None:
+            found.append((int(getattr(resource, constant)), pair[0], pair[1]))
+    return tuple(found)
 
 
 # ---------------------------------------------------------------- validation

@@ -26,7 +26,6 @@ from .layout import Layout, read_pid_file, remove_stale
 from .locks import flock
 from .log import Log, open_append
 from .model import Outcome, SlotReport, Step
-from .record import replace
 
 if lean.TYPE_CHECKING:
     from socket import socket
@@ -186,6 +185,10 @@ def prepare(svc: Service) -> None:
         if exc.errno == errno.ELOOP:
             raise refusal(f"cannot record the owner of {cfg.pid_dir}", exc) from None
         raise ConfigError(f"cannot write {owner.owner_path(cfg)}: {exc.strerror}") from None
+
+    from .contain import prepare_for
+
+    prepare_for(cfg)  # the service's cgroup and its [limits] there (contain.py)
 
 
 def _open_output(path: str) -> tuple[int, bool]:
@@ -371,11 +374,8 @@ def fill(svc: Service, reports: list[SlotReport]) -> int:
 
 
 def _spawn(svc: Service, count: int) -> list[spawn.Report]:
-    # the marker finds the workers if pid_dir is changed while they run; in the spec's
-    # environment, so that a standby a main spawns after a failover carries it too
     spec = svc.cfg.worker_spec()
-    spec = replace(spec, environment=(*spec.environment, (owner.VARIABLE, owner.marker(svc.cfg))))
-    env = spawn.worker_environment(spec)
+    env = spawn.worker_environment(spec)  # with the service's marker (contain.MARKER, owner.py)
     listen_fds: tuple[int, ...] = ()
     if svc.cfg.listen:  # every socket in hand before the first fork
         from . import sockets

@@ -44,7 +44,8 @@ LOCALE_FILES = ("/etc/default/locale", "/etc/locale.conf")
 PASS_ENV_VARIABLE = "HADCTL_PASS_ENV"
 HOST_ID = "HADCTL_HOST_ID"  # passed when set: every hadctl command of a host must set it alike
 # Set per process by hadctl or the listen helper: not part of what a digest compares.
-VOLATILE = frozenset(("HADC_lock_fd", "HADCTL_FENCING_TOKEN", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"))
+VOLATILE = frozenset(("HADC_lock_fd", "HADCTL_FENCING_TOKEN", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES",
+                      "HADCTL_WORKER"))  # per process: its own pid, its own slot
 
 
 def build(cfg: ServiceConfig, caller: Mapping[str, str] | None = None,

@@ -244,6 +244,29 @@ def _seconds(value: float) -> int:
     return math.ceil(value)
 
 
+_UNIT_RLIMITS = (("nofile", "LimitNOFILE"), ("nproc", "LimitNPROC"), ("core", "LimitCORE"),
+                 ("memlock", "LimitMEMLOCK"), ("address_space", "LimitAS"))
+
+
+def unit_limits(cfg: ServiceConfig) -> list[str]:
+    """``[limits]`` as systemd sees them: rlimits as Limit*= (hadctl sets them on each
+    worker as well), memory_max, cpu_max, pids_max as MemoryMax=, CPUQuota=, TasksMax=
+    (hadctl also writes them to its own cgroup of the service, see contain.py)."""
+    limits = cfg.limits
+    lines = []
+    for key, name in _UNIT_RLIMITS:
+        value = getattr(limits, key)
+        if value is not None:
+            lines.append(f"{name}={'infinity' if value == -1 else value}")
+    if limits.memory_max is not None:
+        lines.append(f"MemoryMax={limits.memory_max}")
+    if limits.cpu_max is not None:
+        lines.append(f"CPUQuota={round(limits.cpu_max * 100)}%")
+    if limits.pids_max is not None:
+        lines.append(f"TasksMax={limits.pids_max}")
+    return ["# [limits] of the service file", *lines] if lines else []
+
+
 def systemd_units(cfg: ServiceConfig, hadctl: str) -> str:
     """Three systemd units for ``cfg``, each after a ``# ---- FILE ----`` line.
 
@@ -307,6 +330,7 @@ def systemd_units(cfg: ServiceConfig, hadctl: str) -> str:
         "KillMode=control-group",
         f"TimeoutStartSec={start_timeout}",
         f"TimeoutStopSec={stop_timeout}",
+        *unit_limits(cfg),
         "",
         "[Install]",
         "WantedBy=multi-user.target",

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from .config import ServiceConfig
 
 OWNER_FILE = "hadctl-owner"
-VARIABLE = "HADCTL_SERVICE"
+VARIABLE = "HADCTL_SERVICE"  # contain.MARKER: one marker for both uses
 _ALIVE_LOCK = "hadctl-alive.lock"  # layout.alive_lock's name: every worker holds it open for its life
 
 
@@ -91,8 +91,10 @@ def claim(cfg: ServiceConfig, owner: tuple[int, int] | None = None) -> None:
 
 
 def marker(cfg: ServiceConfig) -> str:
-    """The value of HADCTL_SERVICE in every worker of ``cfg``'s service."""
-    return f"{cfg.name}:{os.path.abspath(cfg.config_file)}"
+    """The value of HADCTL_SERVICE in every worker of ``cfg``'s service (contain.marker)."""
+    from .contain import marker as service_marker
+
+    return service_marker(cfg.name, os.path.abspath(cfg.config_file))
 
 
 def workers_elsewhere(cfg: ServiceConfig) -> dict[int, str]:

@@ -90,6 +90,9 @@ class ProcStat:
     pgid: int
     sid: int
     starttime: int
+    utime: int = 0  # clock ticks in user mode
+    stime: int = 0  # clock ticks in kernel mode
+    rss_pages: int = 0  # resident set, in pages
 
 
 def proc_stat(pid: int) -> ProcStat | None:
@@ -100,7 +103,8 @@ def proc_stat(pid: int) -> ProcStat | None:
         with open(f"/proc/{pid}/stat", "rb") as handle:
             data = handle.read()
         fields = data[data.rfind(b")") + 2:].split()
-        return ProcStat(fields[0].decode(), int(fields[1]), int(fields[2]), int(fields[3]), int(fields[19]))
+        return ProcStat(fields[0].decode(), int(fields[1]), int(fields[2]), int(fields[3]), int(fields[19]),
+                        int(fields[11]), int(fields[12]), int(fields[21]))
     except (OSError, ValueError, IndexError):
         return None
 

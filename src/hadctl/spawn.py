@@ -4,8 +4,9 @@ The recipe, in the order it runs (APUE §13.3, "Coding Rules" for daemons):
 
   parent:      _fork_and_read_report   fork; feed the spec; reap the child
   child:       _become_session_leader, _fork_again_and_leave
-  grandchild:  _stdio_to_log, _drop_privileges, _set_umask, _set_nice, _chdir,
-               _reset_signals, _listen_fds_at_3, _close_fds, _exec_worker
+  grandchild:  _stdio_to_log, _join_cgroup, _set_rlimits, _drop_privileges,
+               _set_umask, _set_nice, _chdir, _reset_signals, _listen_fds_at_3,
+               _close_fds, _exec_worker
 
 The grandchild execs a fresh interpreter (the worker), so a standby carries
 none of the controller's memory (click, rich, tomllib). The spec goes to it as
@@ -16,7 +17,7 @@ written by ``format_report`` and read by ``parse_report``: ``standby 2 PID``,
 
 A forked child never returns into its caller: its body ends in ``os._exit()``
 and a failure goes to the report pipe, never to logging.
-Imports errors, layout, lean, log, record and spec only (and the standard library).
+Imports contain, errors, layout, lean, log, record and spec only (and the standard library).
 The worker imports it at its start, for the replacement standby a promoted main
 spawns and for the report protocol: so lean's signal calls, not ``signal`` (whose
 enum costs a promoting standby milliseconds to import).
@@ -29,7 +30,7 @@ import select
 import sys
 import time
 
-from . import lean
+from . import contain, lean
 from .errors import ActionFailedError
 from .layout import write_pid_file
 from .log import open_append
@@ -41,7 +42,26 @@ BOOT = (f"import sys; sys.path.insert(0, {HADCTL_DIR!r}); "
         "from hadctl.worker import main; main()")
 _ALIVE_FD = 4  # where a standby spawned by a main finds the main's alive lock fd
 _LISTEN_VARIABLES = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")  # ours, if systemd started us: not theirs
+_OWNER_SHIM = f'{contain.OWNER}=$$; export {contain.OWNER}; exec "$0" -c "$1" -1 "$2"'
 _RESET_SIGNALS = ("HUP", "INT", "QUIT", "TERM", "USR1", "USR2", "PIPE", "CHLD", "TTIN", "TTOU", "TSTP")
+
+
+_IN_FLIGHT: set[int] = set()  # fds made for a spawn under way, which a fork meanwhile must not keep
+
+
+def _close_in_flight() -> None:
+    """In a child forked (by the main's own code) while spawn_from_worker ran in the
+    settling thread: the copy of the alive lock's fd must not live on there, or that
+    child would hold the alive lock, pass for a worker, and outlive its main unseen."""
+    for fd in list(_IN_FLIGHT):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _IN_FLIGHT.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_flight)
 
 
 # The report protocol: one line per spawned process, "KIND [SLOT] PID [MESSAGE]".
@@ -122,9 +142,12 @@ class Spawned:
 
 def worker_environment(spec: WorkerSpec) -> dict[str, str]:
     """The environment the worker starts with: the one the controller built
-    (environment.py), never the caller's own; systemd's LISTEN_* are set by the
-    worker itself, for its own pid."""
-    return {k: v for k, v in dict(spec.environment).items() if k not in _LISTEN_VARIABLES}
+    (environment.py), never the caller's own, plus the service's marker
+    (contain.MARKER). systemd's LISTEN_* are set by the worker itself, for its own
+    pid; the owner mark (contain.OWNER) by the exec that makes it."""
+    env = {k: v for k, v in dict(spec.environment).items() if k not in _LISTEN_VARIABLES and k != contain.OWNER}
+    env[contain.MARKER] = spec.service_id
+    return env
 
 
 def spawn(spec: WorkerSpec, env: dict[str, str], listen_fds: tuple[int, ...] = ()) -> Spawned:
@@ -237,6 +260,8 @@ def _fork_again_and_leave() -> None:
 def _run_grandchild(spec: WorkerSpec, env: dict[str, str], report_fd: int, spec_fd: int,
                     listen_fds: tuple[int, ...] = ()) -> None:
     _stdio_to_log(spec.log_file)
+    _join_cgroup(spec.cgroup)
+    _set_rlimits(spec.rlimits)
     _drop_privileges(spec.uid, spec.gid, spec.user)
     _set_umask(spec.umask)
     _set_nice(spec.nice)
@@ -260,6 +285,33 @@ def _stdio_to_log(log_file: str) -> None:
     os.dup2(log, 1)
     os.dup2(log, 2)
     os.close(log)
+
+
+def _join_cgroup(cgroup: str) -> None:
+    """Move into the worker's own child of the service's cgroup v2 folder (contain.join).
+
+    Done before privileges drop: leaving the controller's cgroup needs write access
+    to the cgroup.procs of the common ancestor. Without it, what the worker starts
+    can only be told by the marker, which a process that clears its environment loses.
+    """
+    contain.join(cgroup, os.getpid())
+
+
+def _set_rlimits(rlimits: tuple[tuple[int, int, int], ...]) -> None:
+    """setrlimit, soft and hard, for each of ``[limits]`` (config.rlimits): the same
+    limits whoever ran hadctl. Before privileges drop: only root may raise a hard
+    limit. -1 is infinity; a hard of -2 keeps the inherited one (the soft is capped
+    by it). Without it a service inherits the ulimits of the shell that started it.
+    """
+    import resource
+
+    for number, soft, hard in rlimits:
+        current_hard = resource.getrlimit(number)[1]
+        hard = current_hard if hard == -2 else (resource.RLIM_INFINITY if hard == -1 else hard)
+        soft = resource.RLIM_INFINITY if soft == -1 else soft
+        if hard != resource.RLIM_INFINITY and (soft == resource.RLIM_INFINITY or soft > hard):
+            soft = hard
+        resource.setrlimit(number, (soft, hard))
 
 
 def _drop_privileges(uid: int | None, gid: int | None, user: str | None) -> None:
@@ -355,7 +407,10 @@ def _close_fds(close: bool, keep: tuple[int, ...]) -> None:
 
 
 def _exec_worker(env: dict[str, str], report_fd: int, spec_fd: int) -> None:
-    """Replace this process with a fresh interpreter running hadctl.worker."""
+    """Replace this process with a fresh interpreter running hadctl.worker, its own
+    pid as contain.OWNER in its environment: /proc/PID/environ of what it forks
+    without exec shows the original block, so that is where the owner must be."""
+    env = {**env, contain.OWNER: str(os.getpid())}
     os.execve(sys.executable, [sys.executable, "-c", BOOT, str(report_fd), str(spec_fd)], env)
 
 
@@ -393,10 +448,15 @@ def spawn_from_worker(spec: WorkerSpec, close: tuple[int, ...] = (), alive_fd: i
         if alive_fd >= 0:
             # a copy above the spec pipe first: were it there, the spec pipe's dup2 would replace it
             alive_copy = fcntl.fcntl(alive_fd, fcntl.F_DUPFD_CLOEXEC, 10 + listening)
+            _IN_FLIGHT.add(alive_copy)
             actions.append((os.POSIX_SPAWN_DUP2, alive_copy, _ALIVE_FD + listening))  # after the closes: it may be one
             spec = replace(spec, alive_fd=_ALIVE_FD + listening)
         env = worker_environment(spec)
-        pid = os.posix_spawn(sys.executable, [sys.executable, "-c", BOOT, "-1", str(spec_fd)], env,
+        # Through sh, whose $$ is the pid the worker will have: its owner mark (contain.OWNER)
+        # must be in the environment it is exec'd with (see _exec_worker).
+        # (sh exports a PWD of its own: unset, unless the service's environment has one)
+        shim = _OWNER_SHIM if "PWD" in env else "unset PWD; " + _OWNER_SHIM
+        pid = os.posix_spawn("/bin/sh", ["sh", "-c", shim, sys.executable, BOOT, str(spec_fd)], env,
                              file_actions=actions, setsid=True,
                              setsigdef=[lean.signum(n) for n in _RESET_SIGNALS],
                              setsigmask=[])
@@ -408,6 +468,7 @@ def spawn_from_worker(spec: WorkerSpec, close: tuple[int, ...] = (), alive_fd: i
             pass  # it will try itself, and report what is wrong with pid_dir
         os.write(spec_write, frame(spec))
     finally:
+        _IN_FLIGHT.discard(alive_copy)
         for fd in (spec_read, spec_write, log, alive_copy):
             if fd >= 0:
                 os.close(fd)

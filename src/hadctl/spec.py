@@ -69,6 +69,16 @@ class WorkerSpec:
     spawned_by_main: bool = False  # a main's replacement standby: the crash-loop back-off applies
     alive_fd: int = -1  # the spawning main's hold on the alive lock, passed on (spawn_from_worker)
     listen_names: tuple[str, ...] = ()  # the names of ``listen``: the sockets at fds 3, 4, ... (sockets.py)
+    # containment, watchdog, recycling and limits (contain.py, watchdog.py):
+    service_id: str = ""  # contain.marker: HADCTL_SERVICE, which every process of the service inherits
+    cgroup: str = ""  # the service's cgroup v2 folder (contain.cgroup_dir), "" for the marker mode
+    kill_mode: str = "group"
+    stop_signals: tuple[str, ...] = ("TERM", "TERM", "INT", "KILL")
+    signal_timeout: float = 1.0  # ServiceConfig.signal_timeout
+    watchdog_timeout: float = 0.0  # 0: no watchdog
+    watchdog_signal: str = "ABRT"
+    max_rss: int = 0  # 0: unset
+    rlimits: tuple[tuple[int, int, int], ...] = ()  # (RLIMIT_*, soft, hard); -1 infinity, -2 hard kept
 
 
 FIELDS: tuple[str, ...] = getattr(WorkerSpec, "__record_fields__")

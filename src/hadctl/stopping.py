@@ -13,7 +13,11 @@ main's hold from birth. So the workers a pid-file search would find (starting,
 backing off, a main that has returned but is still exiting) are exactly the
 holders of that lock, and they are ours without any guess from pid files.
 
-Imports control, errors, lean, locks.flock, model and probe; never click or rich.
+Leftovers (processes of the service that are no worker: a dead main's pool, a
+setsid daemon) are found by contain.py, by cgroup or marker, and ended last
+(``end_leftovers``).
+
+Imports contain, control, errors, lean, locks.flock, model and probe; never click or rich.
 """
 from __future__ import annotations
 
@@ -80,6 +84,8 @@ def end(svc: Service, found: Targets, role: Role) -> list[SlotReport]:
         for target in alive:
             svc.log.trace(f"sending SIG{name} to {role.value} pid {target.pid}{' and its group' if group else ''}")
             target.signal(lean.signum(name), group)
+            if name not in ("KILL", "CONT", "STOP"):
+                target.signal(lean.SIGCONT, group)  # a stopped process must run to act on it (as systemd does)
         last = number == len(ladder) - 1
         alive = _still_alive(alive, time.monotonic() + (cfg.signal_timeout if not last else max(cfg.signal_timeout, 1.0)),
                              group)
@@ -206,6 +212,48 @@ def _refused(svc: Service, path: str, exc: OSError) -> int:
         else f"cannot wait for the last process on {path}: {exc.strerror}"
     svc.say(why, "Failed", ok=False)
     return 1
+
+
+def end_leftovers(svc: Service) -> int:
+    """After the workers: end every process of the service that is left (contain.py),
+    with the ``stop_signals`` ladder; returns how many survived, each named. With
+    ``kill_mode = "process"`` they are left running, and said so."""
+    from . import contain
+
+    cfg = svc.cfg
+    finder = contain.finder_for(cfg)
+    found = finder.members()
+    if found and cfg.kill_mode == "process":
+        svc.say(f"{len(found)} processes of the service left running (kill_mode = \"process\"): "
+                + " ".join(str(m.pid) for m in found), "OK")
+        contain.remove_cgroup(finder.cgroup)  # what is empty of it
+        return 0
+    if found:
+        svc.log.info(f"ending {len(found)} leftover processes ({finder.mode}): "
+                     + "; ".join(f"pid {m.pid}: {contain.command(m.pid)}" for m in found))
+    survivors = contain.end(finder, found, cfg.stop_signals, cfg.signal_timeout, svc.log.trace) if found else []
+    for pid in survivors:
+        svc.say(f"leftover pid {pid} ({contain.command(pid)}) survived {'/'.join(cfg.stop_signals)}", "Failed",
+                ok=False)
+    if found and not survivors:
+        svc.say(f"{len(found)} leftover processes", "Stopped")
+    contain.remove_cgroup(finder.cgroup)  # what is empty of it (a populated cgroup cannot be removed)
+    from .watchdog import beat_file, replaced_file
+
+    for slot in range(1, cfg.locks.max_procs + 1):
+        for path in (beat_file(cfg.pid_dir, slot), replaced_file(cfg.pid_dir, slot)):
+            remove(path)
+    return len(survivors)
+
+
+def end_dead_leftovers(svc: Service) -> None:
+    """restart, once a main is replaced: with ``kill_mode = "group"``, end what it left
+    behind (the new main's own sweep may have run while the old one was still exiting)."""
+    from . import contain
+
+    if svc.cfg.kill_mode == "group":
+        contain.sweep(contain.finder_for(svc.cfg), svc.layout.alive_lock, svc.cfg.stop_signals,
+                      svc.cfg.signal_timeout, svc.log, "restart")
 
 
 def _file_key(path: str) -> tuple[int, int, int]:

@@ -51,7 +51,7 @@ import time
 
 import hadctl
 
-from . import backoff, lean
+from . import backoff, contain, lean
 from . import layout as paths
 from . import spawn as protocol
 from .entrypoint import EntrypointError, call, resolve
@@ -120,6 +120,7 @@ class Worker(Waits):
         self.watch_fd = -1
         self.alive_fd = -1
         self.engine = Engine()  # no engine yet (its close() does nothing); the real one after the imports
+        self.watcher: Any = None  # watchdog.Watcher while a standby watches the mains (watchdog, max_rss)
 
     def enter(self, phase: str) -> None:
         self.log.trace(f"worker {self.pid}: phase {self.phase} -> {phase}")
@@ -150,6 +151,7 @@ class Worker(Waits):
 
     def run(self) -> int:
         spec = self.spec
+        self._contain()
         if spec.process_name_change:
             _set_title(f"{self.name} - standby")
         sys.path[:0] = spec.python_path
@@ -225,15 +227,57 @@ class Worker(Waits):
         self.enter(STANDBY)
         self.report(protocol.STANDBY, standby_slot)
         self.log.trace(f"standby #{standby_slot} waiting for a main slot ({spec.locks_engine})")
+        self._start_watching(mains)
         try:
             promoted = self.engine.wait_main(mains, self)
         except GaveUp as exc:
             self.log.info(str(exc))
             promoted = None
+        finally:
+            self._stop_watching()
         if promoted is None:
             flock.release(standby_fd)
             return self.leave()
         return self._run_main(promoted[0], promoted[1], function, standby_fd)
+
+    def _contain(self) -> None:
+        """What this worker starts carries its pid (contain.OWNER); a replacement standby,
+        born in its main's cgroup, moves into its own (the controller's spawn did it
+        before exec for the others)."""
+        os.environ[contain.OWNER] = str(self.pid)
+        if self.spec.spawned_by_main:
+            contain.join(self.spec.cgroup, self.pid)
+
+    def _start_watching(self, mains: list[int]) -> None:
+        """With a watchdog or max_rss, this standby watches the mains while it waits
+        (watchdog.py): a timer breaks the wait when it must look (must_leave looks)."""
+        spec = self.spec
+        if not (spec.watchdog_timeout or spec.max_rss) or spec.locks_engine != "flock":
+            return
+        from .watchdog import Watcher
+
+        self.watcher = Watcher(spec, lambda slot: self.layout.lock_file("main", slot), self.log, mains)
+        self._watch()
+
+    def _watch(self) -> None:
+        wake = self.watcher.check()
+        if wake is not None:
+            lean.set_timer(wake)
+
+    def _stop_watching(self) -> None:
+        if self.watcher is not None:
+            lean.set_timer(0)  # its SIGALRM would kill a main (default disposition)
+            self.watcher.close()
+            self.watcher = None
+
+    def _sweep_leftovers(self) -> None:
+        """kill_mode = "group": end what dead workers left behind (their pools, setsid
+        daemons), logged with pids and commands; called once the slot is ours, beside
+        the function, so the failover is not delayed by it."""
+        spec = self.spec
+        if spec.kill_mode == "group":
+            contain.sweep(contain.Finder(spec.service_id, spec.cgroup), self.layout.alive_lock, spec.stop_signals,
+                          spec.signal_timeout, self.log, f"main #{hadctl.slot()} (pid {self.pid})")
 
     def _import(self, target: str, key: str) -> Callable[..., Any] | None:
         """Import ``module:function``; on failure report ``import-error`` and return None."""
@@ -363,6 +407,8 @@ class Worker(Waits):
             self.log.trace(f"{self.phase} leaves on signal {self.leave_signal}")
             return True
         self.folder_changed = False
+        if self.watcher is not None:
+            self._watch()
         if self._stop_file_exists():
             self.log.trace(f"{self.phase} leaves: standby stop file exists")
             return True
@@ -397,8 +443,18 @@ class Worker(Waits):
                 self._respawn_standby()
             self._rename_pid_file(self.layout.pid_file("main", slot))
             flock.release(standby_fd)
+            self._sweep_leftovers()
         except BaseException as exc:  # noqa: BLE001 - a thread must not die silently
             self.log.error(f"settling the promotion failed: {type(exc).__name__}: {exc}")
+        finally:
+            settled.release()
+
+    def _sweep_in_thread(self, settled: _thread.LockType) -> None:
+        """A main that took a free slot: a dead main's leftovers may still be there."""
+        try:
+            self._sweep_leftovers()
+        except BaseException as exc:  # noqa: BLE001 - a thread must not die silently
+            self.log.error(f"ending leftovers failed: {type(exc).__name__}: {exc}")
         finally:
             settled.release()
 
@@ -444,6 +500,12 @@ class Worker(Waits):
         else:
             os.register_at_fork(after_in_child=lambda: _close_quietly(fd))
         hadctl._state.update(slot=slot, lock_fd=fd, ready_file=self.layout.ready_file(slot))
+        if spec.watchdog_timeout:
+            from .watchdog import start_beats
+
+            hadctl._state["beat"] = start_beats(spec.pid_dir, slot, self.pid)
+            # a child's alive() must not keep a hung main alive: the mapping is shared
+            os.register_at_fork(after_in_child=lambda: hadctl._state.pop("beat", None))
         settled = None
         if standby_fd >= 0:
             # A promoted standby: the kernel just gave it the slot of a main that died,
@@ -464,6 +526,10 @@ class Worker(Waits):
                 self._respawn_standby()
             self._rename_pid_file(self.layout.pid_file("main", slot))
             self.report(protocol.MAIN, slot)
+            if spec.kill_mode == "group":
+                settled = _thread.allocate_lock()
+                settled.acquire()
+                _thread.start_new_thread(self._sweep_in_thread, (settled,))
         code = 1
         try:
             code = call(function, spec.args)

@@ -1025,6 +1025,114 @@ class Bench:
                                        f"{_wrk_errors(calm)}"))
 
 
+    # ------------------------------------------------------------------ containment, watchdog, max_rss
+
+    def scenario_contain(self) -> None:
+        """Issue 14's rows, with tests/services/contained.py (its ledger: ``EVENT PID MONOTONIC``)."""
+        repo = str(HERE.parent.parent)
+
+        def ledger_of(svc: Service) -> list[tuple[str, int, float]]:
+            path = svc.folder / "ledger"
+            if not path.exists():
+                return []
+            return [(w[0], int(w[1]), float(w[2])) for w in (line.split() for line in path.read_text().splitlines())]
+
+        def contained(scenario: str, entrypoint: str, env: dict[str, str], **settings: Any) -> Service:
+            svc = self.service(scenario, python_path=[repo], entrypoint=f"tests.services.contained:{entrypoint}",
+                               **settings)
+            svc.config.write_text(svc.config.read_text().replace(
+                "env = {", "env = { " + ", ".join(f'{k} = {json.dumps(v)}' for k, v in
+                                                  {"LEDGER": str(svc.folder / "ledger"), **env}.items()) + ", ", 1))
+            return svc
+
+        # hung main -> the standby inside the function: every main beats 0.2 s, then stops itself
+        timeout = 0.5
+        svc = contained("watchdog", "hangs", {"HANG": "stop", "HEALTHY": "0.2"}, watchdog_timeout=timeout,
+                        kill_timeout=1)
+        svc.must("start")
+        count = self.trials(20, 5)
+        wait_until(lambda: sum(1 for e in ledger_of(svc) if e[0] == "enter") > count, 20 + 2 * count,
+                   f"{count} watchdog replacements")
+        events = ledger_of(svc)
+        samples, overlaps = [], 0
+        for index, (event, _pid, at) in enumerate(events):
+            if event == "hang":
+                following = [e for e in events[index + 1:] if e[0] == "enter"]
+                if following:
+                    samples.append((following[0][2] - at) * 1000)
+            if event == "enter" and any(e[0] == "enter" for e in events[index + 1:index + 2]):
+                overlaps += 1  # two enters in a row: a main entered while another had not hung yet
+        svc.must("stop")
+        target = timeout * 1000 + 100
+        self.rows.append(Row("watchdog_replace", f"hung main (SIGSTOP) -> standby in the function, "
+                             f"watchdog_timeout {timeout:g} s", "ms", samples, f"p99<={target:g}",
+                             bool(samples) and percentile(samples, 99) <= target and not overlaps, perl="never",
+                             notes=f"from the main's last beat to the new main's entry; {overlaps} overlaps"))
+
+        # standby wake-ups per second: with a watchdog (the main beats every 20 ms), and without
+        window = 3.0 if self.quick else 10.0
+        for name, settings in (("watchdog_wakeups", {"watchdog_timeout": timeout}), ("contain_idle_wakeups", {})):
+            svc = contained(name.replace("_", "-"), "beating", {"BEAT": "0.02"}, **settings)
+            svc.must("start")
+            standby = wait_until(lambda svc=svc: (p := svc.pid("standby")) and  # type: ignore[misc]
+                                 blocked_in_flock_on(p, svc.main_lock) and p, 30, "a standby waiting in flock")
+            time.sleep(0.5)  # settle: its start-up is not counted
+            before = context_switches(standby)[0]
+            time.sleep(window)  # the measurement window itself
+            rate = (context_switches(standby)[0] - before) / window
+            svc.must("stop")
+            if settings:
+                self.rows.append(Row(name, f"waiting standby with watchdog_timeout {timeout:g} s: wake-ups/s",
+                                     "1/s", [rate], f"<={2 / timeout:g}", rate <= 2 / timeout, perl="2",
+                                     notes="the standby wakes when the newest beat it saw would expire"))
+            else:
+                self.rows.append(Row(name, "waiting standby without watchdog: wake-ups/s", "1/s", [rate], "0",
+                                     rate == 0, perl="2"))
+
+        # max_rss: the growing main is replaced as restart replaces one slot
+        svc = contained("max-rss", "grows", {"GROW": str(8 << 20), "HEALTHY": "0.2"}, max_rss="100M",
+                        kill_timeout=2, locks={"interval": 0.1})
+        svc.must("start")
+        count = self.trials(10, 3)
+        wait_until(lambda: sum(1 for e in ledger_of(svc) if e[0] == "enter") > count, 30 + 3 * count,
+                   f"{count} max_rss recycles")
+        events = ledger_of(svc)
+        gaps = []
+        for index, (event, _pid, at) in enumerate(events):
+            if event == "exit":
+                following = [e for e in events[index + 1:] if e[0] == "enter"]
+                if following:
+                    gaps.append((following[0][2] - at) * 1000)
+        svc.must("stop")
+        self.rows.append(Row("max_rss_gap", "max_rss recycle: longest time with no main", "ms", gaps,
+                             "median<=2 (the restart gap)", bool(gaps) and percentile(gaps, 50) <= 2, perl="-",
+                             notes="the old main's exit line (after a 50 ms drain) -> the new main's entry"))
+
+        # stop with 50 leftover descendants (setsid daemons: the process group cannot reach them)
+        for name, entrypoint in (("stop_leftovers_50", "many_children"), ("stop_plain", "beating")):
+            svc = contained(name.replace("_", "-"), entrypoint, {"CHILDREN": "50", "REPORT": str(self.root / name)})
+            walls = []
+            for _ in range(self.trials(8, 2)):
+                report = self.root / name
+                report.unlink(missing_ok=True)
+                svc.must("start")
+                if entrypoint == "many_children":
+                    wait_until(report.exists, 30, "50 children started")
+                else:
+                    wait_until(lambda svc=svc: any(e[0] == "enter" for e in ledger_of(svc)),  # type: ignore[misc]
+                               30, "the main")
+                ms, _result = svc.must("stop")
+                walls.append(ms)
+            if entrypoint == "many_children":
+                leftover_walls = walls
+            else:
+                plain = percentile(walls, 50)
+                self.rows.append(Row("stop_leftovers_50", "stop with 50 leftover descendants (setsid)", "ms",
+                                     leftover_walls, f"median<=2x plain stop ({2 * plain:.0f})",
+                                     percentile(leftover_walls, 50) <= 2 * plain, perl="-",
+                                     notes=f"plain stop of the same service without children: median {plain:.0f} ms"))
+
+
 def _free_port() -> int:
     import socket
 
@@ -1112,7 +1220,7 @@ def _installed_package() -> Path | None:
 
 
 SCENARIOS = ["failover", "failover_busy", "pool", "restart", "stop_start", "fork", "idle", "status", "rss", "many",
-             "zookeeper", "reopen"]
+             "zookeeper", "reopen", "contain"]
 SCENARIOS.append("wrk")
 ALIASES = {  # row names and short words -> scenario
     "pool_whole": "pool", "restart_gap": "restart", "restart_wall": "restart", "stop": "stop_start",
@@ -1123,6 +1231,8 @@ ALIASES = {  # row names and short words -> scenario
     "zk": "zookeeper", "zk_samehost_failover_2": "zookeeper", "zk_status_local": "zookeeper",
     "zk_status_remote": "zookeeper", "zk_standby_rss": "zookeeper",
     "reopen_logs_wall": "reopen",
+    "watchdog_replace": "contain", "watchdog_wakeups": "contain", "contain_idle_wakeups": "contain",
+    "max_rss_gap": "contain", "stop_leftovers_50": "contain",
 }
 
 
