@@ -2,6 +2,7 @@
 max_rss, is replaced by the standby that waits for its slot; never two mains."""
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -100,3 +101,38 @@ def test_sigstopped_main_is_sent_cont_with_the_watchdog_signal(service: Any, tmp
     svc.run("stop", check=True)
 
 
+
+
+def test_a_watcher_never_sees_a_new_main_beside_an_old_beat(tmp_path: Path, monkeypatch: Any) -> None:
+    """start_beats makes two stores (beat, pid) into a file that may hold the last main's
+    final beat, or zeros: every state between them must read as no beat or a fresh one,
+    never as this main silent since long ago (a standby would replace it at once; CI saw
+    a starting main replaced within 2 ms). The mapping is recorded: the race is two stores."""
+    import mmap
+
+    states: list[bytes] = []
+
+    class Recorded(bytearray):
+        def __setitem__(self, key: Any, value: Any) -> None:
+            super().__setitem__(key, value)
+            path.write_bytes(bytes(self))
+            states.append(bytes(self))
+
+    def recorded_mmap(fd: int, size: int) -> Recorded:
+        return Recorded(os.pread(fd, size, 0))
+
+    monkeypatch.setattr(mmap, "mmap", recorded_mmap)
+    path = Path(watchdog.beat_file(str(tmp_path), 1))
+    stale = 1  # the monotonic clock's first nanosecond: long ago
+    for before in (b"\0" * 16, stale.to_bytes(8, "little") + (4242).to_bytes(8, "little")):
+        path.write_bytes(before)
+        states.clear()
+        assert watchdog.start_beats(str(tmp_path), 1, os.getpid()) is not None
+        assert len(states) == 2
+        for state in states:
+            path.write_bytes(state)
+            beat = watchdog.read_beat(str(tmp_path), 1)
+            if beat is not None and beat[1] == os.getpid():
+                assert time.monotonic_ns() - beat[0] < 10 * 10**9, state
+    path.write_bytes(b"\0" * 16)
+    assert watchdog.read_beat(str(tmp_path), 1) is None

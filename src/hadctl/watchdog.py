@@ -71,13 +71,16 @@ def start_beats(pid_dir: str, slot: int, pid: int) -> Any:
         return None
     finally:
         os.close(fd)
-    mapping[8:16] = pid.to_bytes(8, "little")
+    # The beat before the pid: a watcher reading between the two stores must never see
+    # this main's pid beside an old beat (the file's zeros, or the last main's final beat,
+    # maybe that of a hung main): it would replace a main that has just begun.
     mapping[0:8] = time.monotonic_ns().to_bytes(8, "little")
+    mapping[8:16] = pid.to_bytes(8, "little")
     return mapping
 
 
 def read_beat(pid_dir: str, slot: int) -> tuple[int, int] | None:
-    """(monotonic_ns of the last beat, pid) of ``slot``'s main, or None."""
+    """(monotonic_ns of the last beat, pid) of ``slot``'s main, or None (none yet)."""
     try:
         fd = os.open(beat_file(pid_dir, slot), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
@@ -90,7 +93,10 @@ def read_beat(pid_dir: str, slot: int) -> tuple[int, int] | None:
         os.close(fd)
     if len(data) != BEAT_SIZE:
         return None
-    return int.from_bytes(data[:8], "little"), int.from_bytes(data[8:], "little")
+    beat, pid = int.from_bytes(data[:8], "little"), int.from_bytes(data[8:], "little")
+    if beat == 0 or pid == 0:  # made, not yet written (start_beats)
+        return None
+    return beat, pid
 
 
 def read_replaced(pid_dir: str, slot: int) -> dict[str, object] | None:

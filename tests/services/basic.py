@@ -45,14 +45,16 @@ def linger() -> int:
     return 0
 
 
-def _open_fds() -> list[int]:
-    found = []
+def _open_fds() -> dict[int, str]:
+    """fd -> what it points to. One pass: a promoted main's hadctl threads (settling the
+    promotion, sweeping a dead main's leftovers) open and close fds of their own meanwhile,
+    so an fd seen open may be gone a moment later."""
+    found = {}
     for fd in range(256):
         try:
-            os.fstat(fd)
+            found[fd] = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:
             continue
-        found.append(fd)
     return found
 
 
@@ -60,12 +62,12 @@ def report_env() -> int:
     """Write what the process sees (identity, umask, cwd, env, fds) to $REPORT, then serve."""
     mask = os.umask(0)
     os.umask(mask)
+    fds = _open_fds()
     lines = [
         f"uid={os.getuid()}", f"gid={os.getgid()}", f"umask={mask:03o}", f"cwd={os.getcwd()}",
         f"HOME={os.environ.get('HOME')}", f"USER={os.environ.get('USER')}",
         f"EXTRA={os.environ.get('EXTRA')}", f"HADC_lock_fd={os.environ.get('HADC_lock_fd')}",
-        f"slot={hadctl.slot()}", f"fds={_open_fds()}",
-        f"links={ {fd: os.readlink(f'/proc/self/fd/{fd}') for fd in _open_fds()}!r}",
+        f"slot={hadctl.slot()}", f"fds={sorted(fds)}", f"links={fds!r}",
         f"title={open('/proc/self/cmdline').read().replace(chr(0), ' ').strip()}",
         f"warmup={hadctl.warmup_result()!r}",
     ]
