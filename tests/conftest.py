@@ -12,12 +12,13 @@ import signal
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
-from support import describe, is_alive, marked_processes, toml_text, wait_until  # noqa: F401 - re-exported to tests
+from support import describe, is_alive, marked_processes, toml_text, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 HADCTL = [sys.executable, "-m", "hadctl"]

@@ -109,7 +109,7 @@ def _debian_site_packages(running: list[str]) -> list[str]:
     (made from /usr/bin/python3 by `make install`), as under `make test-pythons`."""
     version = subprocess.run(["/usr/bin/python3", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
                              capture_output=True, text=True, check=True).stdout.strip()
-    if "%d.%d" % sys.version_info[:2] == version:
+    if "{}.{}".format(*sys.version_info[:2]) == version:
         return running
     found = sorted(str(p) for p in (ROOT / ".venv" / "lib").glob(f"python{version}/site-packages"))
     assert found, f"no .venv for /usr/bin/python3 ({version}) under {ROOT}: run `make install` first"

@@ -13,6 +13,7 @@ tests check that no two mains ever ran their function at the same moment.
 from __future__ import annotations
 
 import datetime
+import itertools
 import signal
 import time
 from pathlib import Path
@@ -75,20 +76,15 @@ def runs(host: Host) -> dict[int, tuple[float, float]]:
 def overlaps(host: Host) -> list[str]:
     """Every pair of mains whose runs overlap in time (the ledger is shared by all hosts)."""
     spans = sorted(runs(host).items(), key=lambda item: item[1][0])
-    found = []
-    for (pid, (_start, end)), (later, (start, _end)) in zip(spans, spans[1:]):
-        if start <= end:
-            found.append(f"pid {later} entered {end - start:.3f} s before pid {pid} stopped")
-    return found
+    return [f"pid {later} entered {end - start:.3f} s before pid {pid} stopped"
+            for (pid, (_start, end)), (later, (start, _end)) in itertools.pairwise(spans) if start <= end]
 
 
 def expiries(server: Server) -> list[float]:
     """Wall-clock times at which the server expired a session (from its log)."""
-    moments = []
-    for line in (server.folder / "server.log").read_text(errors="replace").splitlines():
-        if "Expiring session" in line:
-            moments.append(datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S.%f").timestamp())
-    return moments
+    return [datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S.%f").timestamp()
+            for line in (server.folder / "server.log").read_text(errors="replace").splitlines()
+            if "Expiring session" in line]
 
 
 def test_a_host_partitioned_from_zookeeper_fences_its_main_before_the_other_hosts_standby_enters(

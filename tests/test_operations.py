@@ -191,7 +191,7 @@ def _run_many(svc, actions: list[str]) -> list[subprocess.CompletedProcess[str]]
     procs = [subprocess.Popen([*HADCTL, "-c", str(svc.config), action], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for action in actions]
     results = []
-    for proc, action in zip(procs, actions):
+    for proc, action in zip(procs, actions, strict=False):
         out, err = proc.communicate(timeout=120)
         results.append(subprocess.CompletedProcess([action], proc.returncode, out, err))
     return results

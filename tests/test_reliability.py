@@ -440,7 +440,7 @@ def test_twenty_controllers_at_once_leave_a_coherent_state(service, no_leftovers
         results = chaos.run_together([["-c", str(svc.config), a] for a in actions], env)
         if "stop" in actions:
             stop_times.append((began, time.monotonic()))
-        for action, result in zip(actions, results):
+        for action, result in zip(actions, results, strict=False):
             allowed = {0, 1} if action == "fork" and with_stop else {0}
             assert result.returncode in allowed and "Traceback" not in result.stderr, \
                 f"{where}\n{action} exited {result.returncode}: {result.stdout}{result.stderr}"
@@ -552,7 +552,7 @@ WRONG_TYPE = {
 
 
 def _good_lines(folder: Path) -> list[str]:
-    return [f'name = "svc"', 'entrypoint = "tests.services.basic:serve"', f'python_path = ["{ROOT}"]',
+    return ['name = "svc"', 'entrypoint = "tests.services.basic:serve"', f'python_path = ["{ROOT}"]',
             f'pid_dir = "{folder / "run"}"', f'log_file = "{folder / "hadctl.log"}"']
 
 
@@ -567,12 +567,10 @@ def _config_with(folder: Path, key: str, value: str) -> str:
 
 def _refusal_cases() -> list[tuple[str, str]]:
     keys = all_keys()
-    cases = []
-    for key in keys:  # a date-time is refused everywhere; an inline table is tried where tables are near
-        for value in (DATETIME, WRONG_TYPE.get(key, INLINE_TABLE), INLINE_TABLE if key in ("args", "env") else None):
-            if value is not None:
-                cases.append((key, value))
-    return cases
+    # a date-time is refused everywhere; an inline table is tried where tables are near
+    return [(key, value) for key in keys
+            for value in (DATETIME, WRONG_TYPE.get(key, INLINE_TABLE), INLINE_TABLE if key in ("args", "env") else None)
+            if value is not None]
 
 
 def _run_in(folder: Path, config: Path, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:

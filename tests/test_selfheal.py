@@ -1,6 +1,7 @@
 """Self-healing (issue #8): standby respawn, crash-loop back-off, warm-up hook."""
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -48,7 +49,7 @@ def test_a_crash_loop_backs_off_and_stop_ends_it(service):
     # 3 quick promotions, then one attempt every 0.4 s at most (1 s capped at 0.4).
     wait_until(lambda: len(_starts(svc)) >= 7, 15, "seven attempts")
     starts = _starts(svc)
-    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert all(gap < 0.35 for gap in gaps[:2]), gaps        # the burst: no waiting
     assert all(gap >= 0.38 for gap in gaps[3:6]), gaps      # then spaced out
     assert "crash loop" in svc.log_file.read_text()

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from support import toml_text
 from hadctl import actions, config, control, slots, stopping
 from hadctl.errors import ConfigError
 from hadctl.model import Role, SlotReport
+from support import toml_text
 
 
 def _service(tmp_path: Path, **settings: object) -> control.Service:

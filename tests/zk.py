@@ -29,8 +29,9 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 JAR = "/usr/share/java/zookeeper.jar"
 # The server's own log (slf4j-simple, from libslf4j-java, which Debian's ZooKeeper depends
@@ -228,8 +229,8 @@ class Server:
     def address(self) -> str:
         return f"{self.client_ip}:{self.port}"
 
-    def start(self) -> "Server":
-        log = open(self.folder / "server.log", "ab")
+    def start(self) -> Server:
+        log = open(self.folder / "server.log", "ab")  # noqa: SIM115 - the server's stdout for its life
         inside = ["ip", "netns", "exec", self.netns] if self.netns else []
         try:
             self.process = subprocess.Popen(
@@ -248,7 +249,7 @@ class Server:
                 return line.split(":", 1)[1].strip()
         return ""
 
-    def wait_serving(self, timeout: float = 30.0) -> "Server":
+    def wait_serving(self, timeout: float = 30.0) -> Server:
         deadline = time.monotonic() + timeout
         while not self.mode():
             if self.process is not None and self.process.poll() is not None:

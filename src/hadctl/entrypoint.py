@@ -10,7 +10,8 @@ import sys
 from .lean import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from typing import Any, Callable
+    from collections.abc import Callable
+    from typing import Any
 
 
 class EntrypointError(Exception):
@@ -27,7 +28,7 @@ def resolve(target: str) -> Callable[..., Any]:
     try:
         __import__(module_name)
         value: object = sys.modules[module_name]
-    except BaseException as exc:  # noqa: BLE001 - any failure of user code on import
+    except BaseException as exc:
         raise EntrypointError(f"cannot import {module_name}: {type(exc).__name__}: {exc}") from exc
     for part in attribute.split("."):
         if not hasattr(value, part):
@@ -60,7 +61,7 @@ def call(function: Callable[..., Any], args: tuple[Any, ...] | list[Any]) -> int
         code = function(*args)
     except SystemExit as exc:
         code = exc.code
-    except BaseException:  # noqa: BLE001 - the service's own failure; goes to its stderr
+    except BaseException:
         import traceback
 
         traceback.print_exc()

@@ -21,15 +21,14 @@ Leaf module: imports nothing from hadctl, and nothing heavy.
 """
 from __future__ import annotations
 
-import os
-
 import _signal  # type: ignore[import-not-found,unused-ignore]  # see the docstring: not signal
+import os
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Callable, Union
+    from collections.abc import Callable
 
-    Handler = Union[Callable[[int, object], object], int, None]
+    Handler = Callable[[int, object], object] | int | None
 
 SIGHUP: int = _signal.SIGHUP
 SIGINT: int = _signal.SIGINT

@@ -39,7 +39,7 @@ def record(cls: type[T]) -> type[T]:
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         if len(args) > len(fields):
             raise TypeError(f"{name_of}() takes {len(fields)} arguments, got {len(args)}")
-        values = dict(zip(fields, args))
+        values = dict(zip(fields, args, strict=False))
         for key, value in kwargs.items():
             if key not in known or key in values:
                 raise TypeError(f"{name_of}() got an unexpected or repeated argument {key!r}")
@@ -73,13 +73,13 @@ def record(cls: type[T]) -> type[T]:
     __init__.__qualname__ = f"{cls.__qualname__}.__init__"
     for method in (__init__, __repr__, __eq__, __hash__, __setattr__):
         setattr(cls, method.__name__, method)
-    setattr(cls, "__record_fields__", tuple(fields))
+    setattr(cls, "__record_fields__", tuple(fields))  # noqa: B010 - unknown to the type checker
     return cls
 
 
 def replace(value: T, **changes: Any) -> T:
     """A copy of the record ``value`` with some fields changed (like dataclasses.replace)."""
-    fields = getattr(type(value), "__record_fields__")
+    fields = getattr(type(value), "__record_fields__")  # noqa: B009 - unknown to the type checker
     current = {name: getattr(value, name) for name in fields}
     current.update(changes)
     return type(value)(**current)

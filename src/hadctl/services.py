@@ -83,7 +83,7 @@ def status_all(folder: str) -> tuple[list[Outcome], int]:
     summary = Outcome(os.path.abspath(folder), SUMMARY_ACTION, worst,
                       (Step(what, RESULTS.get(worst, "Broken"), worst == 0),),
                       detail={"config_dir": os.path.abspath(folder), "services": len(outcomes), **counts})
-    return outcomes + [summary], worst
+    return [*outcomes, summary], worst
 
 
 def _service_status(cfg: ServiceConfig, holder_probe: HolderProbe) -> Outcome:

@@ -81,7 +81,7 @@ class WorkerSpec:
     rlimits: tuple[tuple[int, int, int], ...] = ()  # (RLIMIT_*, soft, hard); -1 infinity, -2 hard kept
 
 
-FIELDS: tuple[str, ...] = getattr(WorkerSpec, "__record_fields__")
+FIELDS: tuple[str, ...] = getattr(WorkerSpec, "__record_fields__")  # noqa: B009 - unknown to the type checker
 
 
 def frame(spec: WorkerSpec) -> bytes:
@@ -99,7 +99,7 @@ def unframe(data: bytes) -> WorkerSpec:
     values = marshal.loads(data)
     if not isinstance(values, tuple) or len(values) != len(FIELDS):
         raise ValueError(f"not a worker spec: expected {len(FIELDS)} fields")
-    return WorkerSpec(**dict(zip(FIELDS, values)))
+    return WorkerSpec(**dict(zip(FIELDS, values, strict=False)))
 
 
 def read(fd: int) -> WorkerSpec:

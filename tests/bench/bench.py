@@ -57,13 +57,15 @@ import tempfile
 import time
 import traceback
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # tests/: the helpers shared with the test suite
 import support  # noqa: E402
 from support import describe, is_alive, toml_text  # noqa: E402
+
 PY = sys.executable
 _CLI = Path(PY).parent / "hadctl"
 HADCTL = [str(_CLI)] if _CLI.exists() else [PY, "-m", "hadctl"]
@@ -436,11 +438,11 @@ def print_table(rows: list[Row], out: Any = sys.stdout) -> None:
         return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}" if abs(value) < 1000 else f"{value:.0f}"
 
     header = ["measure", "unit", "n", "min", "median", "p90", "p99", "max", "target", "result", "HADC (Perl)"]
-    table = [header]
-    for row in rows:
-        table.append([row.title, row.unit, str(len(row.samples)) if row.samples else "-",
-                      fmt(row, "min"), fmt(row, "p50"), fmt(row, "p90"), fmt(row, "p99"), fmt(row, "max"),
-                      row.target, row.result, row.perl])
+    table = [header] + [
+        [row.title, row.unit, str(len(row.samples)) if row.samples else "-",
+         fmt(row, "min"), fmt(row, "p50"), fmt(row, "p90"), fmt(row, "p99"), fmt(row, "max"),
+         row.target, row.result, row.perl]
+        for row in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     right = {2, 3, 4, 5, 6, 7}
     for number, line in enumerate(table):

@@ -4,6 +4,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import hadctl
 
@@ -66,9 +67,9 @@ def report_env() -> int:
     lines = [
         f"uid={os.getuid()}", f"gid={os.getgid()}", f"umask={mask:03o}", f"cwd={os.getcwd()}",
         f"HOME={os.environ.get('HOME')}", f"USER={os.environ.get('USER')}",
-        f"EXTRA={os.environ.get('EXTRA')}", f"HADC_lock_fd={os.environ.get('HADC_lock_fd')}",
+        f"EXTRA={os.environ.get('EXTRA')}", f"HADC_lock_fd={os.environ.get('HADC_lock_fd')}",  # noqa: SIM112 - the Perl name, lower case
         f"slot={hadctl.slot()}", f"fds={sorted(fds)}", f"links={fds!r}",
-        f"title={open('/proc/self/cmdline').read().replace(chr(0), ' ').strip()}",
+        f"title={Path('/proc/self/cmdline').read_text().replace(chr(0), ' ').strip()}",
         f"warmup={hadctl.warmup_result()!r}",
     ]
     with open(os.environ["REPORT"] + ".tmp", "w") as handle:
@@ -142,7 +143,7 @@ def ready_later() -> int:
 
 def version() -> int:
     """Serves, noting the VERSION constant of services/versioned.py (changed by tests)."""
-    from tests.services import versioned  # noqa: F401 - imported so the standby is warm
+    from tests.services import versioned
 
     return serve(versioned.VERSION)
 

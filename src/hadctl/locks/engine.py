@@ -33,7 +33,8 @@ from __future__ import annotations
 from ..lean import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from typing import Any, Callable
+    from collections.abc import Callable
+    from typing import Any
 
     from ..config import ServiceConfig
     from ..layout import Layout

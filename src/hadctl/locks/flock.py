@@ -209,7 +209,7 @@ class SlotWaiter:
     def cancel(self, keep: int | None = None) -> None:
         """Stop every wait; release any slot taken except the fd ``keep``."""
         self._cancelled = True
-        for (_slot, _fd, done), ident in zip(self._waits, self._idents):
+        for (_slot, _fd, done), ident in zip(self._waits, self._idents, strict=False):
             while not done.acquire(blocking=False):
                 try:
                     lean.pthread_kill(ident, _CANCEL_SIGNAL)
