@@ -113,3 +113,48 @@ def test_an_empty_cache_folder_means_every_run_parses(service, monkeypatch):
             "try:\n    entry.run()\nexcept SystemExit:\n    pass")
     assert TOML in _modules_after(code)
     assert TOML in _modules_after(code)
+
+
+ZOOKEEPER = ("locks/zookeeper.py", "locks/zookeeper_session.py", "locks/zookeeper_fence.py",
+             "locks/zookeeper_takeover.py", "locks/zookeeper_controller.py")
+
+
+def _top_level_imports(tree: ast.Module) -> list[tuple[int, str]]:
+    """(line, module) of every import outside a function (TYPE_CHECKING blocks too), relative
+    ones spelled with their dots (``.zookeeper_session``)."""
+    found: list[tuple[int, str]] = []
+
+    def visit(nodes: list[ast.stmt]) -> None:
+        for node in nodes:
+            if isinstance(node, ast.Import):
+                found.extend((node.lineno, alias.name) for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                found.append((node.lineno, "." * node.level + (node.module or "")))
+            elif isinstance(node, (ast.If, ast.Try)):
+                visit(node.body + node.orelse + [s for h in getattr(node, "handlers", []) for s in h.body])
+            elif isinstance(node, ast.ClassDef):
+                visit(node.body)
+
+    visit(tree.body)
+    return found
+
+
+def test_kazoo_stays_in_the_zookeeper_modules_which_load_only_on_demand():
+    """kazoo (about 11 MB, 100 ms, threads) is imported by locks/zookeeper*.py alone, and
+    any other module reaches those only inside a function (for ``engine = "zookeeper"``)."""
+    modules = _modules()
+    assert set(ZOOKEEPER) <= set(modules), "a ZooKeeper module moved: update ZOOKEEPER"
+    offenders = sorted(f"{name}:{node.lineno} imports {module}"
+                       for name, tree in modules.items() if name not in ZOOKEEPER
+                       for node in ast.walk(tree) for module in _imported(node) if module.split(".")[0] == "kazoo")
+    offenders += sorted(f"{name}:{line} imports {module} at module level"
+                        for name, tree in modules.items() if name not in ZOOKEEPER
+                        for line, module in _top_level_imports(tree) if "zookeeper" in module)
+    assert not offenders, "\n".join(offenders)
+    for name in ZOOKEEPER:  # each says so at its top
+        assert "kazoo" in (ast.get_docstring(modules[name]) or ""), name
+
+
+def test_neither_the_worker_nor_a_flock_controller_loads_a_zookeeper_module():
+    loaded = _modules_after("import hadctl.worker, hadctl.actions, hadctl.control, hadctl.locks.engine")
+    assert not {m for m in loaded if m.startswith("hadctl.locks.zookeeper") or m.split(".")[0] == "kazoo"}

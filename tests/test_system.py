@@ -23,7 +23,7 @@ from click.testing import CliRunner
 
 import hadctl
 from conftest import HADCTL, ROOT, Service, make_services, pid_alive, wait_until
-from hadctl import cli, config, initfile
+from hadctl import cli, config, initfile, systemdunits
 
 MAN_PAGE = ROOT / "man" / "hadctl.1"
 MARKER = re.compile(r"^# ---- (\S+) ----$", re.MULTILINE)
@@ -185,7 +185,7 @@ def test_underscore_aliases_are_accepted(service):
 def test_systemd_units_pass_systemd_analyze_verify(service, tmp_path, name):
     svc = service(name=name, init={"init_config": str(tmp_path / "default file")})
     units = split_units(svc.run("get-systemd-unit", check=True).stdout)
-    base = initfile.unit_name(name)
+    base = systemdunits.unit_name(name)
     assert list(units) == [f"{base}.service", f"{base}-fork.service", f"{base}-fork.timer"]
     folder = tmp_path / "units"
     folder.mkdir()

@@ -196,7 +196,7 @@ def test_call_turns_the_end_of_the_function_into_an_exit_status(capsys):
 
 def _merge(report: SlotReport, found: tuple[str, int | None, int] | None, alive: set[int] = frozenset()):
     pytest.importorskip("kazoo", reason="the ZooKeeper engine needs kazoo")
-    from hadctl.locks.zookeeper import merge
+    from hadctl.locks.zookeeper_controller import merge
 
     return merge(report, found, "host-a", lambda pid: pid in alive, 6.0)
 
@@ -265,6 +265,7 @@ def test_the_flock_controller_engine_loads_neither_kazoo_nor_the_spec(tmp_path):
 def test_the_zookeeper_engines_are_built_without_a_session(tmp_path):
     pytest.importorskip("kazoo", reason="the ZooKeeper engine needs kazoo")
     from hadctl.layout import Layout
+    from hadctl.locks import zookeeper_controller
     from hadctl.locks.engine import ZooKeeperController, controller_engine, worker_engine
     from hadctl.locks.zookeeper import ZooKeeperEngine
 
@@ -272,7 +273,7 @@ def test_the_zookeeper_engines_are_built_without_a_session(tmp_path):
     engine = controller_engine(cfg, None)
     assert isinstance(engine, ZooKeeperController)
     real = engine._zookeeper()
-    assert isinstance(real, ZooKeeperEngine) and real.client is None
+    assert isinstance(real, zookeeper_controller.Controller) and not zookeeper_controller._views
     spec = cfg.worker_spec()
     layout = Layout(spec.pid_dir, spec.locks_path, spec.locks_standby_path, spec.standby_stop_file)
     assert isinstance(worker_engine(spec, layout, None), ZooKeeperEngine)

@@ -470,12 +470,12 @@ def test_the_private_kazoo_names_hadctl_relies_on_are_still_there():
     from kazoo.recipe.lock import Lock
     from kazoo.retry import KazooRetry
 
-    from hadctl.locks.zookeeper import _retry_quickly
+    from hadctl.locks.zookeeper_session import retry_quickly
 
     client = KazooClient(hosts="127.0.0.1:1")  # never started: no connection is made
     lock = Lock(client, "/hadctl/x/slot-1", "host 1")
     assert isinstance(lock._retry, KazooRetry)
-    _retry_quickly(lock, client)
+    retry_quickly(lock, client)
     assert lock._retry.max_delay == 0.5
     assert "self._retry.copy()" in inspect.getsource(Lock.acquire)
     assert callable(getattr(ConnectionHandler, "_read_header", None))
@@ -486,7 +486,7 @@ def test_a_lock_nodes_owner_is_gone_when_dead_or_when_its_pid_is_younger_than_th
     import subprocess
     import sys
 
-    from hadctl.locks.zookeeper import owner_gone
+    from hadctl.locks.zookeeper_takeover import owner_gone
 
     now = time.time()
     assert not owner_gone(os.getpid(), now)  # alive, started before the node was made

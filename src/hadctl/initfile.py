@@ -1,19 +1,20 @@
 """``ServiceConfig`` -> text that hands a service to the init system.
 
 ``lsb_script`` is ``get-init-file``: a POSIX sh LSB init script (HADaemon::Control's
-``do_get_init_file``); ``systemd_units`` is ``get-systemd-unit``: a service, plus a
-oneshot service and a timer that replace the cron ``fork`` line. Both are pure
-functions of the config and the hadctl command line to embed; ``hadctl_path``
-finds the latter. Every value is quoted for its target language, so paths with
-spaces, quotes, ``$``, ``%`` or backslashes survive.
+``do_get_init_file``); ``systemdunits.systemd_units`` is ``get-systemd-unit``: a
+service, plus a oneshot service and a timer that replace the cron ``fork`` line.
+Both are pure functions of the config and the hadctl command line to embed;
+``hadctl_path`` finds the latter (``command_for`` splits it). Every value is quoted
+for its target language, so paths with spaces, quotes, ``$``, ``%`` or
+backslashes survive.
 
 ``init_file`` and ``systemd_unit`` are the actions (rows of ``entry.ACTIONS``).
 Imports hadctl.config and hadctl.entry (the table of actions: which the script
-offers) only, and the package's ``__version__``; never click or rich.
+offers) only, systemdunits inside ``systemd_unit``, and the package's
+``__version__``; never click or rich.
 """
 from __future__ import annotations
 
-import math
 import os
 import re
 import shutil
@@ -27,8 +28,6 @@ DEFAULT_START = "2 3 4 5"
 DEFAULT_STOP = "0 1 6"
 MODULE_SUFFIX = " -m hadctl"  # what hadctl_path() appends when only the interpreter is known
 INIT_ONLY = ("try-restart", "force-reload")  # LSB's, run as restart (if running) / restart
-SYSTEMD_RUN = "/usr/bin/systemd-run"
-UNIT_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789:_.-")
 
 
 # ------------------------------------------------------------------ hadctl
@@ -40,7 +39,9 @@ def init_file(cfg: ServiceConfig) -> str:
 
 
 def systemd_unit(cfg: ServiceConfig) -> str:
-    """The ``get-systemd-unit`` action: ``systemd_units`` for this very hadctl."""
+    """The ``get-systemd-unit`` action: ``systemdunits.systemd_units`` for this very hadctl."""
+    from .systemdunits import systemd_units
+
     return systemd_units(cfg, hadctl_path())
 
 
@@ -69,7 +70,7 @@ def hadctl_path() -> str:
     return os.path.abspath(sys.executable) + MODULE_SUFFIX
 
 
-def _command(cfg: ServiceConfig, hadctl: str) -> tuple[str, list[str]]:
+def command_for(cfg: ServiceConfig, hadctl: str) -> tuple[str, list[str]]:
     """(executable, leading arguments): ``[init] path`` wins over ``hadctl``."""
     if cfg.init.path:
         return cfg.init.path, []
@@ -78,7 +79,7 @@ def _command(cfg: ServiceConfig, hadctl: str) -> tuple[str, list[str]]:
     return hadctl, []
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
     """Text safe inside a comment line (no line breaks)."""
     return " ".join(text.split())
 
@@ -102,7 +103,7 @@ def _lsb_description(cfg: ServiceConfig) -> list[str]:
     text = cfg.init.lsb_desc or (
         f"Runs {cfg.entrypoint} as {cfg.locks.max_procs} main process(es) with "
         f"{cfg.locks.standby_max_procs} hot standby(s), kept up by hadctl.")
-    lines = [_one_line(line) for line in text.splitlines() if line.strip()] or [cfg.name]
+    lines = [one_line(line) for line in text.splitlines() if line.strip()] or [cfg.name]
     return [f"# Description:       {lines[0]}"] + [f"#                    {line}" for line in lines[1:]]
 
 
@@ -116,23 +117,30 @@ def lsb_script(cfg: ServiceConfig, hadctl: str) -> str:
     missing action. ``[init] path`` overrides ``hadctl``; ``[init] init_config``
     is sourced when readable, ``[init] init_code`` is inserted verbatim.
     """
+    program, lead = command_for(cfg, hadctl)
+    args = "".join(f" {_sh(a)}" for a in lead)
+    out = _lsb_header(cfg, program) + _lsb_init_settings(cfg) + _lsb_action(args) + _lsb_checks_and_run()
+    return "\n".join(out)
+
+
+def _lsb_header(cfg: ServiceConfig, program: str) -> list[str]:
+    """The LSB comment block (``### BEGIN INIT INFO``), then HADCTL, CONFIG and NAME."""
     init = cfg.init
-    program, lead = _command(cfg, hadctl)
     provides = re.sub(r"[^A-Za-z0-9_.+-]+", "-", cfg.name).strip("-") or "hadctl-service"
-    short = _one_line(init.lsb_sdesc or f"{cfg.name} (kept up by hadctl)")
-    out = [
+    short = one_line(init.lsb_sdesc or f"{cfg.name} (kept up by hadctl)")
+    return [
         "#!/bin/sh",
         "### BEGIN INIT INFO",
         f"# Provides:          {provides}",
-        f"# Required-Start:    {_one_line(init.lsb_start)}",
-        f"# Required-Stop:     {_one_line(init.lsb_stop)}",
+        f"# Required-Start:    {one_line(init.lsb_start)}",
+        f"# Required-Stop:     {one_line(init.lsb_stop)}",
         f"# Default-Start:     {DEFAULT_START}",
         f"# Default-Stop:      {DEFAULT_STOP}",
         f"# Short-Description: {short}",
         *_lsb_description(cfg),
         "### END INIT INFO",
         "#",
-        f"# Generated by hadctl {__version__} from {_one_line(cfg.config_file)}.",
+        f"# Generated by hadctl {__version__} from {one_line(cfg.config_file)}.",
         "# Do not edit: regenerate with get-init-file after changing the config.",
         "",
         f"HADCTL={_sh(program)}",
@@ -140,6 +148,12 @@ def lsb_script(cfg: ServiceConfig, hadctl: str) -> str:
         f"NAME={_sh(cfg.name)}",
         "",
     ]
+
+
+def _lsb_init_settings(cfg: ServiceConfig) -> list[str]:
+    """``[init] init_config`` sourced when readable, then ``init_code`` verbatim."""
+    init = cfg.init
+    out = []
     if init.init_config:
         out += [
             "# init_config: settings for this script and the environment of the service",
@@ -151,11 +165,16 @@ def lsb_script(cfg: ServiceConfig, hadctl: str) -> str:
         ]
     if init.init_code:
         out += ["# init_code (verbatim from the config)", init.init_code.rstrip("\n"), ""]
-    args = "".join(f" {_sh(a)}" for a in lead)
+    return out
+
+
+def _lsb_action(args: str) -> list[str]:
+    """usage() and run_hadctl(), then ACTION: one of the init actions (``entry.ACTIONS``
+    rows with ``init``, their aliases, LSB's own), or usage and exit 2."""
     offered = [action for action in ACTIONS if action.init]
     names = [action.name for action in offered] + list(INIT_ONLY)
     aliases = [f"    {alias}) ACTION={action.name} ;;" for action in offered for alias in action.aliases]
-    out += [
+    return [
         "usage() {",
         f'    echo "Usage: $0 {{{"|".join(names)}}}" >&2',
         "    exit 2",
@@ -174,6 +193,13 @@ def lsb_script(cfg: ServiceConfig, hadctl: str) -> str:
         "    *) usage ;;",
         "esac",
         "",
+    ]
+
+
+def _lsb_checks_and_run() -> list[str]:
+    """Exit 5 without hadctl or the config file; force-reload and try-restart as
+    restarts; then hadctl runs the action and its status is the script's."""
+    return [
         'if [ ! -x "$HADCTL" ]; then',
         '    echo "$0: $NAME: hadctl is not installed: $HADCTL is not an executable file" >&2',
         "    exit 5",
@@ -200,216 +226,3 @@ def lsb_script(cfg: ServiceConfig, hadctl: str) -> str:
         'run_hadctl "$ACTION" "$@"',
         "",
     ]
-    return "\n".join(out)
-
-
-# ------------------------------------------------------------------ systemd
-
-
-def unit_name(text: str, keep_dash: bool = True) -> str:
-    """``text`` escaped into one unit-name component, as systemd-escape does.
-
-    Characters outside ``[A-Za-z0-9:_.-]`` become ``\\xNN`` (each UTF-8 byte), as
-    does a leading dot. ``keep_dash=False`` escapes ``-`` too, for slice names,
-    where a dash means "child of".
-    """
-    out = []
-    for index, char in enumerate(text):
-        if char in UNIT_NAME_CHARS and not (char == "." and index == 0) and (keep_dash or char != "-"):
-            out.append(char)
-        else:
-            out.extend(f"\\x{byte:02x}" for byte in char.encode("utf-8"))
-    return "".join(out)
-
-
-def _unit_value(text: str) -> str:
-    """A plain setting value (a path, a description): specifiers (%) doubled, one line."""
-    return text.replace("\n", " ").replace("%", "%%")
-
-
-def _exec_word(text: str) -> str:
-    """One word of an Exec*= line: double-quoted, with C escapes, $$ and %%."""
-    escaped = (text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
-               .replace("$", "$$").replace("%", "%%"))
-    return f'"{escaped}"'
-
-
-def _exec(words: list[str]) -> str:
-    """An Exec*= command line; only words that need it are quoted."""
-    return " ".join(_exec_word(w) if any(c in w for c in ' \t\n"\'\\$%;') or not w else w for w in words)
-
-
-def _seconds(value: float) -> int:
-    """Whole seconds, rounded up."""
-    return math.ceil(value)
-
-
-_UNIT_RLIMITS = (("nofile", "LimitNOFILE"), ("nproc", "LimitNPROC"), ("core", "LimitCORE"),
-                 ("memlock", "LimitMEMLOCK"), ("address_space", "LimitAS"))
-
-
-def unit_limits(cfg: ServiceConfig) -> list[str]:
-    """``[limits]`` as systemd sees them: rlimits as Limit*= (hadctl sets them on each
-    worker as well), memory_max, cpu_max, pids_max as MemoryMax=, CPUQuota=, TasksMax=
-    (hadctl also writes them to its own cgroup of the service, see contain.py)."""
-    limits = cfg.limits
-    lines = []
-    for key, name in _UNIT_RLIMITS:
-        value = getattr(limits, key)
-        if value is not None:
-            lines.append(f"{name}={'infinity' if value == -1 else value}")
-    if limits.memory_max is not None:
-        lines.append(f"MemoryMax={limits.memory_max}")
-    if limits.cpu_max is not None:
-        lines.append(f"CPUQuota={round(limits.cpu_max * 100)}%")
-    if limits.pids_max is not None:
-        lines.append(f"TasksMax={limits.pids_max}")
-    return ["# [limits] of the service file", *lines] if lines else []
-
-
-def systemd_units(cfg: ServiceConfig, hadctl: str) -> str:
-    """Three systemd units for ``cfg``, each after a ``# ---- FILE ----`` line.
-
-    * ``NAME.service``: ``Type=oneshot`` + ``RemainAfterExit=yes``: hadctl leaves
-      no resident process (mains change, so neither a main PID nor a PIDFile
-      means anything); the processes it double-forks stay in the unit's cgroup,
-      which systemd leaves alone until the unit stops. start/stop map to
-      hadctl start/stop (systemctl restart is therefore a hard restart);
-      ``systemctl reload`` runs the zero-downtime ``hadctl restart``, whose new
-      processes land in this unit's cgroup. ``KillMode=control-group``: after
-      ``hadctl stop`` has run its stop ladder, systemd ends whatever is left.
-    * ``NAME-fork.service`` + ``NAME-fork.timer``: ``hadctl fork`` every minute,
-      only while NAME.service is active and no standby stop file exists. A
-      oneshot's cgroup is killed when it finishes, so fork runs inside a
-      transient scope (``systemd-run --scope``) in the service's slice; the scope
-      is bound to NAME.service, so stopping the service ends it as well.
-    """
-    program, lead = _command(cfg, hadctl)
-    base = [program, *lead, "-c", cfg.config_file]
-    service = unit_name(cfg.name) + ".service"
-    fork_service = unit_name(cfg.name) + "-fork.service"
-    timer = unit_name(cfg.name) + "-fork.timer"
-    slice_name = "hadctl-" + unit_name(cfg.name, keep_dash=False) + ".slice"
-    described = _unit_value(_one_line(cfg.init.lsb_sdesc or cfg.name))
-    systemd_run = SYSTEMD_RUN if os.path.exists(SYSTEMD_RUN) else (shutil.which("systemd-run") or SYSTEMD_RUN)
-
-    ladder = len(cfg.stop_signals) * cfg.signal_timeout + (cfg.stop_file_timeout if cfg.main_stop_file else 0)
-    stop_timeout = max(90, _seconds(2 * ladder + 30))
-    start_timeout = max(120, _seconds(90 + cfg.locks.max_procs * (ladder + 30 + (cfg.ready_timeout or 0))))
-
-    head = [
-        f"# Generated by hadctl {__version__} from {_one_line(cfg.config_file)}.",
-        "# Install: write each part below into /etc/systemd/system/, named as its marker",
-        "# line says, then: systemctl daemon-reload && systemctl enable --now " + service,
-        "# See hadctl(1), SYSTEMD, for why the units look like this.",
-        "",
-    ]
-    main = [
-        f"# ---- {service} ----",
-        "[Unit]",
-        f"Description={described} (hadctl: mains and hot standbys)",
-        "After=network.target remote-fs.target",
-        f"Wants={timer}",
-        "",
-        "[Service]",
-        "# hadctl is short-lived and the processes it spawns change identity (a standby",
-        "# becomes main), so there is no main PID: oneshot + RemainAfterExit keeps the unit",
-        "# active, and systemd leaves the spawned processes alone in this unit's cgroup.",
-        "Type=oneshot",
-        "RemainAfterExit=yes",
-        f"Slice={slice_name}",
-    ]
-    if cfg.init.init_config:
-        main.append(f"EnvironmentFile=-{_unit_value(cfg.init.init_config)}")
-    main += [
-        f"ExecStart={_exec([*base, 'start'])}",
-        "# systemctl reload = zero-downtime restart (new code, no gap); SIGHUP: hadctl reload",
-        f"ExecReload={_exec([*base, 'restart'])}",
-        f"ExecStop={_exec([*base, 'stop'])}",
-        "# After hadctl stop has run its ladder, end whatever is left in the cgroup.",
-        "KillMode=control-group",
-        f"TimeoutStartSec={start_timeout}",
-        f"TimeoutStopSec={stop_timeout}",
-        *unit_limits(cfg),
-        "",
-        "[Install]",
-        "WantedBy=multi-user.target",
-        "",
-    ]
-    scope = [systemd_run, "--scope", "--quiet", "--collect", f"--slice={slice_name}",
-             f"--description={cfg.name} (processes started by hadctl fork)",
-             f"--property=BindsTo={service}", f"--property=Before={service}", "--", *base, "fork"]
-    fork = [
-        f"# ---- {fork_service} ----",
-        "[Unit]",
-        f"Description={described} (hadctl fork: respawn missing mains and standbys)",
-        f"Requisite={service}",
-        f"After={service}",
-        f"ConditionPathExists=!{_unit_value(cfg.standby_stop_file)}",
-        "",
-        "[Service]",
-        "Type=oneshot",
-        "# A oneshot's cgroup is emptied when it ends: what fork spawns must live",
-        "# elsewhere. systemd-run --scope moves hadctl into a new scope in the service's",
-        "# slice, bound to the service (systemctl stop ends it too) and stopped after it.",
-    ]
-    if cfg.init.init_config:
-        fork.append(f"EnvironmentFile=-{_unit_value(cfg.init.init_config)}")
-    fork += [
-        f"ExecStart={_exec(scope)}",
-        "",
-    ]
-    timer_unit = [
-        f"# ---- {timer} ----",
-        "[Unit]",
-        f"Description={described} (hadctl fork every minute, like the cron line)",
-        f"BindsTo={service}",
-        f"After={service}",
-        "",
-        "[Timer]",
-        "OnCalendar=minutely",
-        "AccuracySec=1s",
-        f"Unit={fork_service}",
-        "",
-    ]
-    return "\n".join(head + main + fork + timer_unit + _socket_unit(cfg, service, described))
-
-
-def _socket_unit(cfg: ServiceConfig, service: str, described: str) -> list[str]:
-    """``NAME.socket`` when ``listen`` is set: systemd binds the addresses (in config
-    order) and hands them to ``hadctl start``, which passes them on to the workers
-    (socket activation, sockets.py). [] without ``listen``."""
-    if not cfg.listen:
-        return []
-    lines = [
-        f"# ---- {service.removesuffix('.service')}.socket ----",
-        "[Unit]",
-        f"Description={described} (listening sockets, handed to hadctl start)",
-        "",
-        "[Socket]",
-    ]
-    for address in cfg.listen:
-        if address.kind == "unix":
-            lines.append(f"ListenStream={_unit_value(address.path)}")
-        elif address.kind == "inet6":
-            lines.append(f"ListenStream=[{address.host}]:{address.port}")
-        else:
-            lines.append(f"ListenStream={address.host or '0.0.0.0'}:{address.port}")
-    if cfg.listen_backlog is not None:
-        lines.append(f"Backlog={cfg.listen_backlog}")
-    if any(a.kind == "unix" for a in cfg.listen):
-        lines.append(f"SocketMode={cfg.listen_mode:04o}")
-        if cfg.identity.user is not None:
-            lines.append(f"SocketUser={_unit_value(cfg.identity.user)}")
-        if cfg.group is not None:
-            lines.append(f"SocketGroup={_unit_value(cfg.group)}")
-    lines += [
-        "# hadctl's workers hold the sockets among themselves; this unit only binds them",
-        "# (as root, before privileges drop) and starts the service on the first connection.",
-        f"Service={service}",
-        "",
-        "[Install]",
-        "WantedBy=sockets.target",
-        "",
-    ]
-    return lines

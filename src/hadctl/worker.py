@@ -471,7 +471,21 @@ class Worker(Waits):
         gives up its standby slot. Reports ``main`` (when not promoted) only
         once the pid file is renamed.
         """
-        spec = self.spec
+        self._arm_fencing(slot, fd, standby_fd)
+        self._become_main(slot)
+        self._publish_main(slot, fd)
+        settled = self._settle_beside(slot, standby_fd) if standby_fd >= 0 else self._announce_main(slot)
+        code = 1
+        try:
+            code = call(function, self.spec.args)
+        finally:
+            self._end_main(slot, fd, settled)
+        self.log.info(f"main #{slot} returned, exit status {code}")
+        return code
+
+    def _arm_fencing(self, slot: int, fd: int, standby_fd: int) -> None:
+        """The engine fences this main from now on (ZooKeeper); its token reaches the
+        program. On EngineError every slot lock is given back, and the error raised."""
         try:
             token = self.engine.arm(slot, self._forget_pid_file)
         except EngineError:
@@ -482,6 +496,11 @@ class Worker(Waits):
         if token is not None:
             os.environ["HADCTL_FENCING_TOKEN"] = str(token)
             hadctl._state["fencing_token"] = token
+
+    def _become_main(self, slot: int) -> None:
+        """Phase main: the standby's watch and handlers go (a signal asked for while
+        we took the slot is raised again, now with its default action), the title
+        and the main's outputs come."""
         if self.watch_fd >= 0:
             os.close(self.watch_fd)  # ends the dnotify watch
             self.watch_fd = -1
@@ -491,10 +510,15 @@ class Worker(Waits):
         self.enter(MAIN)
         if asked_to_leave is not None:  # asked to leave while we were taking the slot
             os.kill(self.pid, asked_to_leave)
-        if spec.process_name_change:
+        if self.spec.process_name_change:
             _set_title(self.name)
         self.outputs.attach_main()  # stdout_file, stderr_file (or the syslog forwarder)
-        os.environ["HADC_lock_fd"] = str(fd)
+
+    def _publish_main(self, slot: int, fd: int) -> None:
+        """What the program may ask of hadctl (slot, lock fd, ready file, heartbeat),
+        and the lock fd across its exec (reset_close_on_exec_main_lock_fd) or not."""
+        spec = self.spec
+        os.environ["HADC_lock_fd"] = str(fd)  # noqa: SIM112 - HADaemon::Control's name, read by programs
         if spec.reset_close_on_exec_main_lock_fd:
             os.set_inheritable(fd, True)
         else:
@@ -506,48 +530,53 @@ class Worker(Waits):
             hadctl._state["beat"] = start_beats(spec.pid_dir, slot, self.pid)
             # a child's alive() must not keep a hung main alive: the mapping is shared
             os.register_at_fork(after_in_child=lambda: hadctl._state.pop("beat", None))
-        settled = None
-        if standby_fd >= 0:
-            # A promoted standby: the kernel just gave it the slot of a main that died,
-            # and every microsecond until the function runs is downtime. Spawning the
-            # replacement standby (~0.5 ms), renaming the pid file and freeing the
-            # standby slot are begun now in a short-lived thread, joined before cleanup.
-            settled = _thread.allocate_lock()
-            settled.acquire()
-            _thread.start_new_thread(self._settle_promotion, (slot, standby_fd, settled))
-        else:
-            # Not promoted: a main died moments ago (a crash loop) if the record says
-            # so; a replacement spawned by a promoted main always refills the pool.
-            earlier = backoff.record_start(self.layout.starts_file)
-            replacing = spec.spawned_by_main or \
-                (bool(earlier) and time.monotonic() - earlier[-1] < spec.start_limit_interval)
-            self.log.info(f"main #{slot} running {spec.entrypoint} (pid {self.pid})")
-            if replacing and spec.respawn_standby and not self._stop_file_exists():
-                self._respawn_standby()
-            self._rename_pid_file(self.layout.pid_file("main", slot))
-            self.report(protocol.MAIN, slot)
-            if spec.kill_mode == "group":
-                settled = _thread.allocate_lock()
-                settled.acquire()
-                _thread.start_new_thread(self._sweep_in_thread, (settled,))
-        code = 1
-        try:
-            code = call(function, spec.args)
-        finally:
-            if settled is not None:
-                settled.acquire()  # the promotion thread has finished its work
-            for stream in (sys.stdout, sys.stderr):
-                try:
-                    stream.flush()
-                except (OSError, ValueError):
-                    pass
-            paths.remove_if_ours(self.layout.ready_file(slot), self.pid)
-            paths.remove_if_ours(self.pid_file, self.pid)
-            self.enter(DONE)
-            self.engine.release_main(slot, fd)
-        self.log.info(f"main #{slot} returned, exit status {code}")
-        return code
 
+    def _settle_beside(self, slot: int, standby_fd: int) -> _thread.LockType:
+        """A promoted standby: the kernel just gave it the slot of a main that died,
+        and every microsecond until the function runs is downtime. Spawning the
+        replacement standby (~0.5 ms), renaming the pid file and freeing the
+        standby slot are begun now in a short-lived thread, joined before cleanup."""
+        settled = _thread.allocate_lock()
+        settled.acquire()
+        _thread.start_new_thread(self._settle_promotion, (slot, standby_fd, settled))
+        return settled
+
+    def _announce_main(self, slot: int) -> _thread.LockType | None:
+        """Not promoted: refill the standbys when replacing a main (a crash loop, or
+        we were spawned by a promoted main), rename the pid file, report ``main``;
+        with kill_mode group, sweep a dead main's leftovers in a thread."""
+        spec = self.spec
+        # A main died moments ago (a crash loop) if the record says so; a replacement
+        # spawned by a promoted main always refills the pool.
+        earlier = backoff.record_start(self.layout.starts_file)
+        replacing = spec.spawned_by_main or \
+            (bool(earlier) and time.monotonic() - earlier[-1] < spec.start_limit_interval)
+        self.log.info(f"main #{slot} running {spec.entrypoint} (pid {self.pid})")
+        if replacing and spec.respawn_standby and not self._stop_file_exists():
+            self._respawn_standby()
+        self._rename_pid_file(self.layout.pid_file("main", slot))
+        self.report(protocol.MAIN, slot)
+        if spec.kill_mode != "group":
+            return None
+        settled = _thread.allocate_lock()
+        settled.acquire()
+        _thread.start_new_thread(self._sweep_in_thread, (settled,))
+        return settled
+
+    def _end_main(self, slot: int, fd: int, settled: _thread.LockType | None) -> None:
+        """The function returned: join the settling thread, flush, remove our ready
+        and pid files, phase done, give the slot back."""
+        if settled is not None:
+            settled.acquire()  # the promotion thread has finished its work
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        paths.remove_if_ours(self.layout.ready_file(slot), self.pid)
+        paths.remove_if_ours(self.pid_file, self.pid)
+        self.enter(DONE)
+        self.engine.release_main(slot, fd)
 
 def _is_file(fd: int, path: str) -> bool:
     """True when ``fd`` is open on the file at ``path``."""

@@ -2,7 +2,8 @@
 
 Two implementations: ``flock.FlockEngine`` (this host's ``LOCKS/N.lock`` files)
 and ``zookeeper.ZooKeeperEngine`` (kazoo locks shared by several hosts, each
-main also holding its local flock). Standby slots are always local flock and
+main also holding its local flock; its controller side is
+``zookeeper_controller.Controller``). Standby slots are always local flock and
 stay in worker.py.
 
 Worker side, in the order a worker uses them:
@@ -25,8 +26,9 @@ Controller side:
 signal break a blocking call lives once, in worker.py, and engines call it.
 
 Imports lean only; the worker imports it. kazoo is imported only by
-locks/zookeeper.py, which the factories import only for ``engine = "zookeeper"``,
-and a controller only once ZooKeeper must be asked (``ZooKeeperController``).
+locks/zookeeper*.py: ``worker_engine`` imports locks/zookeeper.py only for
+``engine = "zookeeper"``, and ``ZooKeeperController`` imports
+locks/zookeeper_controller.py only once ZooKeeper must be asked.
 """
 from __future__ import annotations
 
@@ -149,9 +151,11 @@ class ZooKeeperController(Engine):
         if self._engine is None:
             from ..layout import Layout
 
+            from .zookeeper_controller import Controller
+
             spec = self.cfg.worker_spec()
             layout = Layout(spec.pid_dir, spec.locks_path, spec.locks_standby_path, spec.standby_stop_file)
-            self._engine = worker_engine(spec, layout, self.log)
+            self._engine = Controller(spec, layout, self.log)
         return self._engine
 
     def new_holder(self, slot: int, old_pid: int | None) -> tuple[str, int] | None:
