@@ -150,7 +150,6 @@ class ZooKeeperController(Engine):
     def _zookeeper(self) -> Engine:
         if self._engine is None:
             from ..layout import Layout
-
             from .zookeeper_controller import Controller
 
             spec = self.cfg.worker_spec()
