@@ -391,6 +391,9 @@ def status(cfg: ServiceConfig, holder_probe: flock.HolderProbe | None = None) ->
         else:
             svc.steps.append(Step(f"{report.label}{stale}", "Not Running", False))
     doubtful = suspect(svc, reports, log=False)
+    from .outputs import unopened
+
+    svc.steps.extend(Step(line, "Output", False) for line in unopened(cfg, reports))
     detail: dict[str, object] = {}
     found = read_pid_file(svc.layout.backoff_file)
     if found is not None and found.pid is not None and probe.is_worker_of(found.pid, svc.layout, cfg.name):

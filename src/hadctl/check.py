@@ -166,6 +166,7 @@ def folder_problems(cfg: ServiceConfig) -> list[str]:
 
     from . import safepath
     from .config import SYSLOG
+    from .control import not_a_file
 
     problems = []
     items: list[tuple[str, str | None, bool]] = [
@@ -190,8 +191,8 @@ def folder_problems(cfg: ServiceConfig) -> list[str]:
                 problems.append(f"{prefix} is a symbolic link (hadctl wants the folder itself)")
             elif folder != os.path.isdir(path):
                 problems.append(f"{prefix} {'is not a directory' if folder else 'is a directory'}")
-            elif not folder and (stat.S_ISFIFO(info.st_mode) or stat.S_ISSOCK(info.st_mode)):
-                problems.append(f"{prefix} is a FIFO or a socket, not a file")
+            elif not folder and not_a_file(path) is not None:
+                problems.append(f"{prefix} {not_a_file(path)}")
             elif not os.access(path, os.W_OK):
                 problems.append(f"{prefix}: cannot write (permission denied)")
         elif not os.path.isdir(existing):

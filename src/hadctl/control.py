@@ -214,8 +214,6 @@ def check_paths(cfg: ServiceConfig) -> None:
     log_file must not leave new folders in pid_dir. Changes nothing; raises
     ConfigError or NotPermittedError; ``prepare`` still reports whatever this
     cannot foresee."""
-    import stat
-
     for key, path, folder in (("pid_dir", cfg.pid_dir, True), ("locks.path", cfg.locks.path, True),
                               ("locks.standby_path", cfg.locks.standby_path, True),
                               ("log_file", cfg.log_file, False), ("stdout_file", cfg.stdout_file, False),
@@ -233,16 +231,43 @@ def check_paths(cfg: ServiceConfig) -> None:
         if existing == path and folder != os.path.isdir(path):
             problem = "is not a directory" if folder else "is a directory"
             raise ConfigError(f'{cfg.config_file}: key "{key}": {path} {problem}')
-        if existing == path and not folder and (stat.S_ISFIFO(os.lstat(path).st_mode) or
-                                                stat.S_ISSOCK(os.lstat(path).st_mode)):
-            # opening a FIFO for writing blocks until someone reads it: every command would hang
-            # (lstat: /dev/stdout, a link to whatever fd 1 is, stays allowed)
-            raise ConfigError(f'{cfg.config_file}: key "{key}": {path} is a FIFO or a socket, not a file')
+        why = not_a_file(path) if not folder else None
+        if why is not None:
+            raise ConfigError(f'{cfg.config_file}: key "{key}": {path} {why}')
         if existing != path and not os.path.isdir(existing):
             raise ConfigError(f'{cfg.config_file}: key "{key}": cannot create {path}: {existing} is not a directory')
         if not os.access(existing, os.W_OK | (os.X_OK if existing != path else 0)):
             what = (f"write in {path}" if folder else f"open {key} {path}") if existing == path else f"create {path}"
             raise NotPermittedError(f"cannot {what}: Permission denied")
+
+
+def not_a_file(path: str) -> str | None:
+    """Why ``path`` can be no log or output file, or None. Every worker holds its output
+    files for its whole life: a terminal, a pipe or the controller's own stdout (/dev/stdout,
+    /proc/self/fd/N) would tie the service to whoever ran hadctl (``out=$(hadctl start)``
+    never returns; closing the terminal ends the service), and opening a FIFO blocks."""
+    import stat
+
+    name = path
+    for _hop in range(40):  # the links at the end of the path, as the kernel follows them
+        if name.startswith(("/proc/", "/dev/fd/")):
+            return "names a file descriptor of whoever opens it (like /dev/stdout), not a file"
+        if not os.path.islink(name):
+            break
+        name = os.path.join(os.path.dirname(name), os.readlink(name))
+    if os.path.realpath(path).startswith("/proc/"):
+        return "names a file descriptor of whoever opens it (like /dev/stdout), not a file"
+    try:
+        info = os.stat(path)  # a stat opens nothing: a FIFO does not block it
+    except OSError:
+        return None  # missing (made later), or what opening it will tell
+    if stat.S_ISFIFO(info.st_mode) or stat.S_ISSOCK(info.st_mode):
+        return "is a FIFO or a socket, not a file"
+    if stat.S_ISCHR(info.st_mode) and info.st_rdev != os.stat(os.devnull).st_rdev:
+        return f"is a terminal or another character device, not a file (of those, only {os.devnull} is allowed)"
+    if stat.S_ISBLK(info.st_mode):
+        return "is a block device, not a file"
+    return None
 
 
 def refuse_beside_orphans(svc: Service) -> None:
@@ -370,6 +395,12 @@ def fill(svc: Service, reports: list[SlotReport]) -> int:
             key = (now.role.value, now.slot)
             if now.running and key not in before and key not in started:
                 svc.say(f"{now.label} started (pid {now.pid})", "Started")
+    if any(kind == "main" for kind, _slot in started):
+        from .outputs import unopened
+
+        new_mains = [r for r in svc.slots()[0] if ("main", r.slot) in started]
+        for line in unopened(svc.cfg, new_mains):
+            svc.say(line, "Output", ok=False)
     return status
 
 

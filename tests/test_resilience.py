@@ -1,0 +1,99 @@
+"""Availability without an attacker (issue 12, items 7, 8, 10, 11 and 14): an output
+file the service user cannot open, an output file that is a terminal or a pipe, a
+read-only pid_dir, no inodes left, and a low open-file limit. Each must cost no
+failover, no slot and no hung controller, and say what is wrong in one line.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import pid_alive
+from support import wait_until
+
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (user = nobody, mounts); CI runs as root")
+
+NOBODY = 65534
+
+
+def _one_line(result: subprocess.CompletedProcess[str]) -> None:
+    assert "Traceback" not in result.stderr and "internal error" not in result.stderr, result.stderr
+
+
+def _for_nobody(folder: Path) -> None:
+    """nobody may reach the test's folders (the service writes its ledger there)."""
+    for path in (folder, *folder.parents):
+        if path == Path("/") or str(path) == "/tmp":
+            break
+        path.chmod(path.stat().st_mode | 0o011)
+    folder.chmod(0o777)
+
+
+# ------------------------------------------------------------------ 7. an output file nobody can open
+
+
+@as_root
+def test_an_output_file_the_user_cannot_open_costs_no_failover_and_no_slot(service, tmp_path):
+    """logrotate's ``create 0644 root root`` made stdout_file root's: before, the promoted
+    standby could not open it and exited, with no replacement (one failover took the
+    service down). Now it keeps its log_file fd, a new standby appears, and status
+    names the file."""
+    _for_nobody(tmp_path)
+    out = tmp_path / "s0" / "out.log"
+    svc = service(user="nobody", stdout_file=str(out))
+    _for_nobody(svc.folder)
+    svc.run("start", check=True)
+    main, standby = svc.pid_of("main"), svc.pid_of("standby")
+    os.chown(out, 0, 0)
+    out.chmod(0o644)
+    os.kill(main, 9)
+    wait_until(lambda: svc.holders("main") == [standby], 10, "the standby to take over")
+    wait_until(lambda: [p for p in svc.holders("standby") if p != standby], 10, "a new standby")
+    status = svc.run("status")
+    assert status.returncode == 0, status.stdout
+    assert f"stdout_file {out}" in status.stdout and "[Output]" in status.stdout, status.stdout
+    assert pid_alive(standby)
+    assert f"cannot open stdout_file {out}" in svc.log_file.read_text()
+    svc.run("stop", check=True)
+    started = svc.run("start", check=True)
+    assert f"stdout_file {out} is not open" in started.stderr and "[Output]" in started.stderr, started
+    assert len(svc.holders("main")) == 1 and len(svc.holders("standby")) == 1
+
+
+# ------------------------------------------------------------------ 8. a terminal or a pipe as output file
+
+
+@pytest.mark.parametrize("key", ["log_file", "stdout_file", "stderr_file"])
+@pytest.mark.parametrize("target", ["/dev/stdout", "/proc/self/fd/1", "a terminal"])
+def test_an_output_file_that_is_a_terminal_or_the_callers_stdout_is_refused(service, no_leftovers, key, target):
+    """``log_file = "/dev/stdout"`` tied every worker to the controller's stdout:
+    ``out=$(hadctl start)`` never returned. Now start, fork, restart and check refuse
+    it (exit 6, one line), before anything runs; the caller's pipe is never held."""
+    from support import marked_processes
+
+    leader, follower = os.openpty()
+    try:
+        path = os.ttyname(follower) if target == "a terminal" else target
+        svc = service(**{key: path})
+        for action in ("start", "fork", "restart", "check"):
+            # out=$(hadctl start): stdout is a pipe, read to its end
+            result = subprocess.run([*svc.command, "-c", str(svc.config), action], capture_output=True,
+                                    text=True, timeout=30)
+            _one_line(result)
+            assert result.returncode == 6, (action, result)
+            assert f'"{key}"' in result.stderr + result.stdout and path in result.stderr + result.stdout, result
+        assert marked_processes("HADCTL_TEST_ID", no_leftovers) == []
+    finally:
+        os.close(leader)
+        os.close(follower)
+
+
+def test_dev_null_stays_a_valid_output_file(service):
+    svc = service(stdout_file="/dev/null", stderr_file="/dev/null")
+    result = subprocess.run([*svc.command, "-c", str(svc.config), "start"], capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 0, result
+    assert len(svc.holders("main")) == 1
