@@ -97,3 +97,40 @@ def test_dev_null_stays_a_valid_output_file(service):
                             text=True, timeout=30)
     assert result.returncode == 0, result
     assert len(svc.holders("main")) == 1
+
+
+# ------------------------------------------------------------------ 14. a low open-file limit
+
+
+def _under_ulimit(svc, limit: str, action: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", "-c", f'ulimit {limit} || exit 99; exec "$@"', "sh", *svc.command, "-c",
+                           str(svc.config), action], capture_output=True, text=True, timeout=60)
+
+
+def test_a_pool_that_cannot_fit_the_open_file_limit_is_refused_before_anything_starts(service, no_leftovers):
+    """``ulimit -n 16`` and 6+6 slots: before, "internal error: OSError: [Errno 24]" and 14
+    processes left running. Now one line naming the limit, exit 1, nothing started or made."""
+    from support import marked_processes
+
+    svc = service(locks={"max_procs": 6, "standby_max_procs": 6})
+    for action in ("start", "fork", "check"):
+        result = _under_ulimit(svc, "-n 16", action)
+        _one_line(result)
+        assert result.returncode == (6 if action == "check" else 1), result
+        assert "open-file limit of 16" in result.stderr + result.stdout, result
+    assert marked_processes("HADCTL_TEST_ID", no_leftovers) == []
+    assert not svc.pid_dir.exists()
+
+
+def test_workers_get_their_open_file_limit_from_the_config_not_the_controller(service):
+    """A caller with a soft limit of 16 (its hard one high) starts 6+6 slots: hadctl
+    raises its own soft limit for the pipes it holds, and every worker gets
+    ``[limits] nofile``, not the caller's 16."""
+    svc = service(locks={"max_procs": 6, "standby_max_procs": 6}, limits={"nofile": 2048})
+    result = _under_ulimit(svc, "-Sn 16", "start")
+    assert result.returncode == 0, result
+    pids = svc.holders("main") + svc.holders("standby")
+    assert len(pids) == 12
+    for pid in pids:
+        line = next(x for x in Path(f"/proc/{pid}/limits").read_text().splitlines() if x.startswith("Max open files"))
+        assert line.split()[3:5] == ["2048", "2048"], line

@@ -306,8 +306,9 @@ _RLIMITS = {"nofile": "RLIMIT_NOFILE", "nproc": "RLIMIT_NPROC", "core": "RLIMIT_
 
 
 def limits_problems(cfg: ServiceConfig) -> list[str]:
-    """An rlimit above the hard limit (not root) or above fs.nr_open (nofile); a cgroup
-    limit without its cgroup v2 controller."""
+    """An rlimit above the hard limit (not root) or above fs.nr_open (nofile); a pool of
+    slots that cannot fit the open-file limit; a cgroup limit without its cgroup v2
+    controller."""
     import resource
 
     from .config import RLIMIT_INFINITY
@@ -328,6 +329,13 @@ def limits_problems(cfg: ServiceConfig) -> list[str]:
             nr_open = _read_int("/proc/sys/fs/nr_open")
             if nr_open is not None and (wanted == resource.RLIM_INFINITY or wanted > nr_open):
                 problems.append(f'{cfg.config_file}: key "limits.nofile": {value} is above fs.nr_open ({nr_open})')
+    from .control import check_open_files
+    from .errors import ActionFailedError
+
+    try:
+        check_open_files(cfg)  # the pool against the open-file limit, as start checks it
+    except ActionFailedError as exc:
+        problems.append(str(exc))
     wanted_controllers = [c for c, v in (("memory", limits.memory_max), ("cpu", limits.cpu_max),
                                          ("pids", limits.pids_max)) if v is not None]
     if wanted_controllers:

@@ -143,6 +143,9 @@ def prepare(svc: Service) -> None:
     cfg = svc.cfg
     refuse_beside_orphans(svc)
     check_paths(cfg)
+    low = check_open_files(cfg)
+    if low is not None:
+        svc.log.warn(low)
     ident = cfg.identity
     chown = os.geteuid() == 0 and ident.uid is not None
     given = (ident.uid or 0, -1 if ident.gid is None else ident.gid) if chown else None
@@ -268,6 +271,67 @@ def not_a_file(path: str) -> str | None:
     if stat.S_ISBLK(info.st_mode):
         return "is a block device, not a file"
     return None
+
+
+# What hadctl itself keeps open, beyond what is open when the check runs: for the
+# controller, a report pipe per process spawned, four pipes during a fork and a few
+# files read meanwhile; for a worker, stdio, its locks, the alive lock, the folder
+# watch, the report pipe, a replacement's spawn, plus one lock per main slot waited on.
+_CONTROLLER_SPARE = 10
+_WORKER_BASE = 16
+
+
+def check_open_files(cfg: ServiceConfig) -> str | None:
+    """Refuse, before the first fork, a pool that cannot fit the open-file limit
+    (RLIMIT_NOFILE): the controller holds a pipe per process it spawns, and each
+    worker gets the nofile of ``[limits]`` (by default 4096 capped by the caller's
+    hard limit, which is then said: the line returned). The controller's soft limit
+    is first raised to its hard one. ActionFailedError (1) naming both numbers."""
+    import resource
+
+    count = cfg.locks.max_procs + cfg.locks.standby_max_procs
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = len(os.listdir("/proc/self/fd")) + count + len(cfg.listen) + _CONTROLLER_SPARE
+    if soft != resource.RLIM_INFINITY and soft < need and soft < hard:
+        soft = hard if hard == resource.RLIM_INFINITY else min(hard, max(need, 1024))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if soft != resource.RLIM_INFINITY and soft < need:
+        raise ActionFailedError(f"{cfg.name}: cannot start {count} processes with an open-file limit of {soft} "
+                                f"(ulimit -n): hadctl needs {need} for them; raise it, or lower the slot counts")
+    worker_soft, why = _worker_nofile(cfg, hard)
+    worker_need = _WORKER_BASE + cfg.locks.max_procs + len(cfg.listen)
+    if worker_soft is not None and worker_soft < worker_need:
+        raise ActionFailedError(f"{cfg.name}: workers would get an open-file limit of {worker_soft} ({why}); "
+                                f"a standby waiting on {cfg.locks.max_procs} main slots needs {worker_need}: "
+                                'set [limits] nofile, or raise "ulimit -Hn"')
+    if worker_soft is not None and cfg.limits.nofile is None and worker_soft < _DEFAULT_NOFILE:
+        return f"workers get an open-file limit of {worker_soft} ({why}), not {_DEFAULT_NOFILE}"
+    return None
+
+
+_DEFAULT_NOFILE = 4096  # config.DEFAULT_RLIMITS' soft nofile
+
+
+def _worker_nofile(cfg: ServiceConfig, hard: int) -> tuple[int | None, str]:
+    """The soft nofile a worker will have (spawn._set_rlimits; None: unlimited) and why."""
+    import resource
+
+    from .config import rlimits
+
+    for number, soft, wanted_hard in rlimits(cfg.limits):
+        if number != resource.RLIMIT_NOFILE:
+            continue
+        if wanted_hard == -2:
+            why = 'the hard limit of whoever ran hadctl, "ulimit -Hn"; [limits] nofile is unset'
+            top = hard
+        else:
+            why = "[limits] nofile"
+            top = resource.RLIM_INFINITY if wanted_hard == -1 else wanted_hard
+        value = resource.RLIM_INFINITY if soft == -1 else soft
+        if top != resource.RLIM_INFINITY:
+            value = min(value, top) if value != resource.RLIM_INFINITY else top
+        return (None if value == resource.RLIM_INFINITY else value), why
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0], "the limit of whoever ran hadctl"
 
 
 def refuse_beside_orphans(svc: Service) -> None:
