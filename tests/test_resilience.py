@@ -134,3 +134,107 @@ def test_workers_get_their_open_file_limit_from_the_config_not_the_controller(se
     for pid in pids:
         line = next(x for x in Path(f"/proc/{pid}/limits").read_text().splitlines() if x.startswith("Max open files"))
         assert line.split()[3:5] == ["2048", "2048"], line
+
+
+# ------------------------------------------------------------------ 11. no inode, no space left
+
+
+class Tmpfs:
+    """A small tmpfs mounted at ``path`` for one test (unmounted by ``close``)."""
+
+    def __init__(self, path: Path, options: str) -> None:
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=True)
+
+    def fill_inodes(self) -> int:
+        """Make empty files until no inode is left; returns how many were made."""
+        made = 0
+        while True:
+            try:
+                (self.path / f"filler-{made}").touch()
+            except OSError:
+                return made
+            made += 1
+
+    def free(self) -> None:
+        for path in self.path.glob("filler*"):
+            path.unlink()
+
+    def remount(self, options: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,{options}", str(self.path)], check=True)
+
+    def close(self) -> None:
+        result = subprocess.run(["umount", str(self.path)], capture_output=True)
+        if result.returncode != 0:
+            subprocess.run(["umount", "-l", str(self.path)], check=True)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    mounted: list[Tmpfs] = []
+
+    def mount(path: Path, options: str) -> Tmpfs:
+        mounted.append(Tmpfs(path, options))
+        return mounted[-1]
+
+    yield mount
+    for item in mounted:
+        item.close()
+
+
+@as_root
+def test_a_stop_that_cannot_make_its_stop_file_exits_1_and_says_fork_will_start_again(service, tmpfs):
+    """Out of inodes, stop exited 0 without the stop file, and cron's next fork restarted
+    what it had just stopped. Now it still stops everything, but exits 1 and says so."""
+    svc = service()
+    mount = tmpfs(svc.pid_dir, "size=1m,nr_inodes=64")
+    try:
+        svc.run("start", check=True)
+        main, standby = svc.pid_of("main"), svc.pid_of("standby")
+        assert mount.fill_inodes() > 0
+        result = svc.run("stop")
+        _one_line(result)
+        assert result.returncode == 1, result
+        assert "cannot create standby stop file" in result.stderr and "fork" in result.stderr, result.stderr
+        assert "will start svc again" in result.stderr, result.stderr
+        wait_until(lambda: not pid_alive(main) and not pid_alive(standby), 10, "the workers to exit")
+    finally:
+        mount.free()
+        svc.stop()
+
+
+@as_root
+def test_temporary_pid_files_of_failed_spawns_are_cleaned_by_the_next_controller(service, tmp_path, tmpfs):
+    """No space left: a spawn's write-then-rename of its pid file left ``*.pid.PID.tmp``
+    files for ever. The next controller removes those whose PID is gone (a link among
+    them as a name, never what it points to), and keeps one whose writer lives."""
+    svc = service()
+    mount = tmpfs(svc.pid_dir, "size=64k,nr_inodes=1000")
+    outside = tmp_path / "outside.pid"
+    outside.write_text("keep me\n")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    try:
+        svc.run("start", check=True)
+        svc.run("stop", check=True)
+        fd = os.open(svc.pid_dir / "filler", os.O_WRONLY | os.O_CREAT)
+        try:  # every block taken: writes fail, opens succeed
+            while os.write(fd, b"x" * 4096):
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        failed = svc.run("start")
+        assert failed.returncode != 0, failed
+        left = sorted(p.name for p in svc.pid_dir.glob("*.tmp"))
+        assert left, "no temporary file was left by the failed spawns"
+        (svc.pid_dir / f"main-1.pid.{dead.pid}.tmp").symlink_to(outside)
+        (svc.pid_dir / f"standby-1.pid.{os.getpid()}.tmp").write_text("")  # its writer lives: kept
+        (svc.pid_dir / "filler").unlink()
+        svc.run("start", check=True)
+        assert sorted(p.name for p in svc.pid_dir.glob("*.tmp")) == [f"standby-1.pid.{os.getpid()}.tmp"]
+        assert outside.read_text() == "keep me\n"
+    finally:
+        svc.stop()

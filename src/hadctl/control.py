@@ -389,6 +389,13 @@ def clean_stale(svc: Service, stale: list[read_model.Stale]) -> None:
             svc.say(f"removed stale {os.path.basename(item.path)} ({item.why})", "OK")
         else:
             svc.say(f"cannot remove stale {item.path} ({item.why})", "Failed", ok=False)
+    for item in read_model.leftover_temporaries(svc.layout):
+        try:
+            safepath.unlink(item.path)  # the name itself, never what a link there points to
+            svc.log.info(f"removed {os.path.basename(item.path)} ({item.why})")
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                svc.say(f"cannot remove {item.path} ({item.why}): {exc.strerror}", "Failed", ok=False)
 
 
 def say_tampered(svc: Service, reports: list[SlotReport], log: bool = True) -> bool:

@@ -167,6 +167,22 @@ def clear_standbys(svc: Service, reports: list[SlotReport]) -> list[SlotReport]:
     return survivors
 
 
+def make_stop_file(svc: Service) -> bool:
+    """stop's first step: the standby stop file, which keeps cron's ``fork`` (and
+    respawning mains) from starting the service again. True when it could not be
+    made: then one failed line says so, and the stop exits 1 (what runs is still
+    stopped; a stop that exits 0 must stay stopped)."""
+    path = svc.cfg.standby_stop_file
+    try:
+        touch(path)
+    except OSError as exc:
+        why = str(refusal(f"cannot create standby stop file {path}", exc)) if exc.errno == errno.ELOOP \
+            else f"cannot create standby stop file {path}: {exc.strerror}"
+        svc.say(f"{why}: a fork (cron, timer) will start {svc.cfg.name} again", "Failed", ok=False)
+        return True
+    return False
+
+
 def wait_for_the_last(svc: Service) -> int:
     """Wait until every process of the service has exited, slot or no slot, and
     return how many survived.
