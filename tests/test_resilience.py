@@ -161,9 +161,6 @@ class Tmpfs:
         for path in self.path.glob("filler*"):
             path.unlink()
 
-    def remount(self, options: str) -> None:
-        subprocess.run(["mount", "-o", f"remount,{options}", str(self.path)], check=True)
-
     def close(self) -> None:
         result = subprocess.run(["umount", str(self.path)], capture_output=True)
         if result.returncode != 0:
@@ -210,7 +207,7 @@ def test_temporary_pid_files_of_failed_spawns_are_cleaned_by_the_next_controller
     files for ever. The next controller removes those whose PID is gone (a link among
     them as a name, never what it points to), and keeps one whose writer lives."""
     svc = service()
-    mount = tmpfs(svc.pid_dir, "size=64k,nr_inodes=1000")
+    tmpfs(svc.pid_dir, "size=64k,nr_inodes=1000")
     outside = tmp_path / "outside.pid"
     outside.write_text("keep me\n")
     dead = subprocess.Popen(["true"])
@@ -237,4 +234,49 @@ def test_temporary_pid_files_of_failed_spawns_are_cleaned_by_the_next_controller
         assert sorted(p.name for p in svc.pid_dir.glob("*.tmp")) == [f"standby-1.pid.{os.getpid()}.tmp"]
         assert outside.read_text() == "keep me\n"
     finally:
+        svc.stop()
+
+
+# ------------------------------------------------------------------ 10. a read-only pid_dir
+
+
+@as_root
+def test_stop_and_reload_work_in_a_read_only_pid_dir_and_restart_says_why_it_cannot(service):
+    """A disk error remounted pid_dir read-only: stop, restart and reload exited 6
+    "cannot take lock ... Read-only file system" and everything kept running. Now the
+    control lock is flocked through a read-only fd: reload signals the mains, stop
+    ends every worker (exit 1: no stop file could be made, said in one line), and
+    restart, which could start nothing there, refuses before stopping anything."""
+    svc = service(locks={"max_procs": 2, "standby_max_procs": 2})
+    svc.run("start", check=True)
+    workers = svc.holders("main") + svc.holders("standby")
+    assert len(workers) == 4
+    # a read-only bind mount over pid_dir: the workers' open files stay writable below it
+    subprocess.run(["mount", "--bind", str(svc.pid_dir), str(svc.pid_dir)], check=True)
+    mounted = True
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(svc.pid_dir)], check=True)
+
+        reload = svc.run("reload")
+        assert reload.returncode == 0, reload
+        wait_until(lambda: sum(line[0] == "hup" for line in svc.ledger_lines()) == 2, 10, "both mains to get HUP")
+
+        restart = svc.run("restart")
+        _one_line(restart)
+        assert restart.returncode == 1 and "Read-only file system" in restart.stderr, restart
+        assert sorted(svc.holders("main") + svc.holders("standby")) == sorted(workers)
+
+        stop = svc.run("stop")
+        _one_line(stop)
+        assert stop.returncode == 1, stop
+        assert "cannot create standby stop file" in stop.stderr and "Read-only file system" in stop.stderr, stop
+        assert "cannot take lock" not in stop.stderr
+        wait_until(lambda: not any(pid_alive(p) for p in workers), 10, "every worker to exit")
+        assert svc.holders("main") + svc.holders("standby") == []
+        subprocess.run(["umount", str(svc.pid_dir)], check=True)
+        mounted = False
+        svc.run("stop", check=True)  # writable again: what the read-only stop left is cleaned
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(svc.pid_dir)], check=True)
         svc.stop()

@@ -194,6 +194,13 @@ def prepare(svc: Service) -> None:
     prepare_for(cfg)  # the service's cgroup and its [limits] there (contain.py)
 
 
+def _read_only(folder: str) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def _open_output(path: str) -> tuple[int, bool]:
     """Open a log or output file for appending: (fd, whether this call created it)."""
     try:
@@ -239,6 +246,10 @@ def check_paths(cfg: ServiceConfig) -> None:
             raise ConfigError(f'{cfg.config_file}: key "{key}": {path} {why}')
         if existing != path and not os.path.isdir(existing):
             raise ConfigError(f'{cfg.config_file}: key "{key}": cannot create {path}: {existing} is not a directory')
+        if _read_only(existing):  # (a disk error remounted it): no worker could take a slot there
+            what = f"start processes in {path}" if folder else f"write {key} {path}"
+            raise ActionFailedError(f"cannot {what}: Read-only file system; what runs keeps running, "
+                                    "stop and reload still work")
         if not os.access(existing, os.W_OK | (os.X_OK if existing != path else 0)):
             what = (f"write in {path}" if folder else f"open {key} {path}") if existing == path else f"create {path}"
             raise NotPermittedError(f"cannot {what}: Permission denied")
@@ -374,6 +385,8 @@ def remove(path: str) -> None:
     except FileNotFoundError:
         pass
     except OSError as exc:
+        if exc.errno == errno.EROFS:  # a read-only pid_dir: stop goes on; what stays is said as stale
+            return
         if exc.errno != errno.ELOOP:
             raise
         raise refusal(f"cannot remove {path}", exc) from exc
