@@ -17,7 +17,7 @@ short summary. What is checked, in order:
      service runs, since its workers hold them);
   7. ``[limits]``: rlimits within what may be set, cgroup v2 controllers present.
 
-Imports config, environment, errors, model, control (read only) and the standard
+Imports config, environment, errors, model, preflight, control (read only) and the standard
 library; never click or rich. Starts nothing that outlives it.
 """
 from __future__ import annotations
@@ -166,7 +166,7 @@ def folder_problems(cfg: ServiceConfig) -> list[str]:
 
     from . import safepath
     from .config import SYSLOG
-    from .control import not_a_file
+    from .preflight import not_a_file
 
     problems = []
     items: list[tuple[str, str | None, bool]] = [
@@ -329,8 +329,8 @@ def limits_problems(cfg: ServiceConfig) -> list[str]:
             nr_open = _read_int("/proc/sys/fs/nr_open")
             if nr_open is not None and (wanted == resource.RLIM_INFINITY or wanted > nr_open):
                 problems.append(f'{cfg.config_file}: key "limits.nofile": {value} is above fs.nr_open ({nr_open})')
-    from .control import check_open_files
     from .errors import ActionFailedError
+    from .preflight import check_open_files
 
     try:
         check_open_files(cfg)  # the pool against the open-file limit, as start checks it
