@@ -269,6 +269,8 @@ def test_stop_and_reload_work_in_a_read_only_pid_dir_and_restart_says_why_it_can
         _one_line(restart)
         assert restart.returncode == 1 and "Read-only file system" in restart.stderr, restart
         assert sorted(svc.holders("main") + svc.holders("standby")) == sorted(workers)
+        check = svc.run("check")
+        assert check.returncode == 6 and "read-only file system" in check.stdout + check.stderr, check
 
         stop = svc.run("stop")
         _one_line(stop)

@@ -166,7 +166,7 @@ def folder_problems(cfg: ServiceConfig) -> list[str]:
 
     from . import safepath
     from .config import SYSLOG
-    from .preflight import not_a_file
+    from .preflight import not_a_file, read_only
 
     problems = []
     items: list[tuple[str, str | None, bool]] = [
@@ -185,7 +185,9 @@ def folder_problems(cfg: ServiceConfig) -> list[str]:
         except OSError as exc:
             problems.append(f"{prefix}: {exc.filename} is {exc.strerror}: not followed as root")
             continue
-        if existing == path:
+        if read_only(existing):
+            problems.append(f"{prefix}: {existing} is on a read-only file system")
+        elif existing == path:
             info = os.lstat(path)
             if folder and stat.S_ISLNK(info.st_mode):
                 problems.append(f"{prefix} is a symbolic link (hadctl wants the folder itself)")

@@ -26,7 +26,7 @@ from .layout import Layout, read_pid_file, remove_stale
 from .locks import flock
 from .log import Log, open_append
 from .model import Outcome, SlotReport, Step
-from .preflight import check_open_files, not_a_file
+from .preflight import check_open_files, not_a_file, read_only
 
 if lean.TYPE_CHECKING:
     from socket import socket
@@ -195,13 +195,6 @@ def prepare(svc: Service) -> None:
     prepare_for(cfg)  # the service's cgroup and its [limits] there (contain.py)
 
 
-def _read_only(folder: str) -> bool:
-    try:
-        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
-    except OSError:
-        return False
-
-
 def _open_output(path: str) -> tuple[int, bool]:
     """Open a log or output file for appending: (fd, whether this call created it)."""
     try:
@@ -247,7 +240,7 @@ def check_paths(cfg: ServiceConfig) -> None:
             raise ConfigError(f'{cfg.config_file}: key "{key}": {path} {why}')
         if existing != path and not os.path.isdir(existing):
             raise ConfigError(f'{cfg.config_file}: key "{key}": cannot create {path}: {existing} is not a directory')
-        if _read_only(existing):  # (a disk error remounted it): no worker could take a slot there
+        if read_only(existing):  # (a disk error remounted it): no worker could take a slot there
             what = f"start processes in {path}" if folder else f"write {key} {path}"
             raise ActionFailedError(f"cannot {what}: Read-only file system; what runs keeps running, "
                                     "stop and reload still work")

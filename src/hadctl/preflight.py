@@ -1,5 +1,6 @@
 """What must hold before the first fork, beyond the folders (control.check_paths):
-output files that are files, and a pool of slots that fits the open-file limit.
+output files that are files, folders on a writable file system, and a pool of
+slots that fits the open-file limit.
 
 Both refuse with one line before anything is spawned, for start, fork, restart
 (through control.prepare) and for check. Imports config and errors (inside
@@ -43,6 +44,15 @@ def not_a_file(path: str) -> str | None:
     if stat.S_ISBLK(info.st_mode):
         return "is a block device, not a file"
     return None
+
+
+def read_only(path: str) -> bool:
+    """True when ``path`` lies on a file system mounted read-only (a disk error
+    remounts one so): no worker could take a slot or write its output there."""
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 # What hadctl itself keeps open, beyond what is open when the check runs: for the
