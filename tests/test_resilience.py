@@ -279,6 +279,7 @@ def test_stop_and_reload_work_in_a_read_only_pid_dir_and_restart_says_why_it_can
         assert "cannot take lock" not in stop.stderr
         wait_until(lambda: not any(pid_alive(p) for p in workers), 10, "every worker to exit")
         assert svc.holders("main") + svc.holders("standby") == []
+        assert "Traceback" not in svc.log_file.read_text()  # the workers left cleanly, their pid files kept
         subprocess.run(["umount", str(svc.pid_dir)], check=True)
         mounted = False
         svc.run("stop", check=True)  # writable again: what the read-only stop left is cleaned

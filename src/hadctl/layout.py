@@ -11,6 +11,7 @@ must stay small (no dataclasses). Imports nothing from hadctl.
 """
 from __future__ import annotations
 
+import errno
 import os
 
 PID_MAX = 4194304  # Linux's upper bound for pid_max
@@ -123,8 +124,11 @@ def remove_if_ours(path: str, pid: int) -> None:
     if found is not None and found.pid == pid:
         try:
             os.unlink(path)
-        except FileNotFoundError:
-            pass
+        except OSError as exc:
+            # gone already; or a read-only pid_dir, where a leaving worker must still leave
+            # cleanly (the controller names what stays as stale)
+            if exc.errno not in (errno.ENOENT, errno.EROFS):
+                raise
 
 
 def remove_stale(path: str) -> bool:
