@@ -208,8 +208,9 @@ def test_a_stop_that_cannot_make_its_stop_file_exits_1_and_says_fork_will_start_
 @as_root
 def test_temporary_pid_files_of_failed_spawns_are_cleaned_by_the_next_controller(service, tmp_path, tmpfs):
     """No space left: a spawn's write-then-rename of its pid file left ``*.pid.PID.tmp``
-    files for ever. The next controller removes those whose PID is gone (a link among
-    them as a name, never what it points to), and keeps one whose writer lives."""
+    files for ever. A failed write now removes its own; the next controller removes
+    those whose PID is gone (a writer killed before its rename; a link among them as
+    a name, never what it points to), and keeps one whose writer lives."""
     svc = service()
     tmpfs(svc.pid_dir, "size=64k,nr_inodes=1000")
     outside = tmp_path / "outside.pid"
@@ -229,11 +230,12 @@ def test_temporary_pid_files_of_failed_spawns_are_cleaned_by_the_next_controller
             os.close(fd)
         failed = svc.run("start")
         assert failed.returncode != 0, failed
-        left = sorted(p.name for p in svc.pid_dir.glob("*.tmp"))
-        assert left, "no temporary file was left by the failed spawns"
+        assert sorted(svc.pid_dir.glob("*.tmp")) == []  # each failed write removed its own
+        (svc.pid_dir / "filler").unlink()
+        # what a spawn killed between the write and the rename leaves
+        (svc.pid_dir / f"unknown-{dead.pid}.pid.{dead.pid}.tmp").write_text(f"{dead.pid}\n")
         (svc.pid_dir / f"main-1.pid.{dead.pid}.tmp").symlink_to(outside)
         (svc.pid_dir / f"standby-1.pid.{os.getpid()}.tmp").write_text("")  # its writer lives: kept
-        (svc.pid_dir / "filler").unlink()
         svc.run("start", check=True)
         assert sorted(p.name for p in svc.pid_dir.glob("*.tmp")) == [f"standby-1.pid.{os.getpid()}.tmp"]
         assert outside.read_text() == "keep me\n"

@@ -112,10 +112,17 @@ def write_pid_file(path: str, pid: int, extra: str = "") -> None:
     temporary = f"{path}.{pid}.tmp"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
     try:
-        os.write(fd, f"{pid}\n{extra}".encode() + (b"\n" if extra else b""))
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
+        try:
+            os.write(fd, f"{pid}\n{extra}".encode() + (b"\n" if extra else b""))
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+    except OSError:
+        try:
+            os.unlink(temporary)  # (no space left): not a file for ever; a writer killed here leaves it
+        except OSError:  # to the next controller (slots.leftover_temporaries)
+            pass
+        raise
 
 
 def remove_if_ours(path: str, pid: int) -> None:
