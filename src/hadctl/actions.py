@@ -104,10 +104,7 @@ def _stop_locked(svc: Service) -> Outcome:
     next); then the last process of any kind (the alive lock); then clean pid_dir."""
     cfg = svc.cfg
     reports = svc.slots()[0] + svc.extra_slots()  # before the stop file: standbys leave on it, each named Stopped
-    try:
-        touch(cfg.standby_stop_file)
-    except OSError as exc:
-        svc.say(f"cannot create standby stop file {cfg.standby_stop_file}: {exc.strerror}", "Failed", ok=False)
+    no_stop_file = stopping.make_stop_file(svc)  # (a failure is said, and makes the exit status 1)
     stopped_any = False
     for round_ in range(5):
         if round_:
@@ -131,7 +128,7 @@ def _stop_locked(svc: Service) -> Outcome:
     doubtful = suspect(svc, reports, elsewhere=not stopped_any)  # (workers elsewhere: when none ran here)
     if not stopped_any and not doubtful:
         svc.say("Not Running", "OK")
-    return svc.outcome("stop", 1 if running or left or doubtful else 0, reports)
+    return svc.outcome("stop", 1 if running or left or doubtful or no_stop_file else 0, reports)
 
 
 def _stop_orphans(svc: Service, reports: list[SlotReport]) -> Outcome:
@@ -391,6 +388,9 @@ def status(cfg: ServiceConfig, holder_probe: flock.HolderProbe | None = None) ->
         else:
             svc.steps.append(Step(f"{report.label}{stale}", "Not Running", False))
     doubtful = suspect(svc, reports, log=False)
+    from .outputs import unopened
+
+    svc.steps.extend(Step(line, "Output", False) for line in unopened(cfg, reports))
     detail: dict[str, object] = {}
     found = read_pid_file(svc.layout.backoff_file)
     if found is not None and found.pid is not None and probe.is_worker_of(found.pid, svc.layout, cfg.name):

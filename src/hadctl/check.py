@@ -17,7 +17,7 @@ short summary. What is checked, in order:
      service runs, since its workers hold them);
   7. ``[limits]``: rlimits within what may be set, cgroup v2 controllers present.
 
-Imports config, environment, errors, model, control (read only) and the standard
+Imports config, environment, errors, model, preflight, control (read only) and the standard
 library; never click or rich. Starts nothing that outlives it.
 """
 from __future__ import annotations
@@ -166,6 +166,7 @@ def folder_problems(cfg: ServiceConfig) -> list[str]:
 
     from . import safepath
     from .config import SYSLOG
+    from .preflight import not_a_file, read_only
 
     problems = []
     items: list[tuple[str, str | None, bool]] = [
@@ -184,14 +185,16 @@ def folder_problems(cfg: ServiceConfig) -> list[str]:
         except OSError as exc:
             problems.append(f"{prefix}: {exc.filename} is {exc.strerror}: not followed as root")
             continue
-        if existing == path:
+        if read_only(existing):
+            problems.append(f"{prefix}: {existing} is on a read-only file system")
+        elif existing == path:
             info = os.lstat(path)
             if folder and stat.S_ISLNK(info.st_mode):
                 problems.append(f"{prefix} is a symbolic link (hadctl wants the folder itself)")
             elif folder != os.path.isdir(path):
                 problems.append(f"{prefix} {'is not a directory' if folder else 'is a directory'}")
-            elif not folder and (stat.S_ISFIFO(info.st_mode) or stat.S_ISSOCK(info.st_mode)):
-                problems.append(f"{prefix} is a FIFO or a socket, not a file")
+            elif not folder and not_a_file(path) is not None:
+                problems.append(f"{prefix} {not_a_file(path)}")
             elif not os.access(path, os.W_OK):
                 problems.append(f"{prefix}: cannot write (permission denied)")
         elif not os.path.isdir(existing):
@@ -305,8 +308,9 @@ _RLIMITS = {"nofile": "RLIMIT_NOFILE", "nproc": "RLIMIT_NPROC", "core": "RLIMIT_
 
 
 def limits_problems(cfg: ServiceConfig) -> list[str]:
-    """An rlimit above the hard limit (not root) or above fs.nr_open (nofile); a cgroup
-    limit without its cgroup v2 controller."""
+    """An rlimit above the hard limit (not root) or above fs.nr_open (nofile); a pool of
+    slots that cannot fit the open-file limit; a cgroup limit without its cgroup v2
+    controller."""
     import resource
 
     from .config import RLIMIT_INFINITY
@@ -327,6 +331,13 @@ def limits_problems(cfg: ServiceConfig) -> list[str]:
             nr_open = _read_int("/proc/sys/fs/nr_open")
             if nr_open is not None and (wanted == resource.RLIM_INFINITY or wanted > nr_open):
                 problems.append(f'{cfg.config_file}: key "limits.nofile": {value} is above fs.nr_open ({nr_open})')
+    from .errors import ActionFailedError
+    from .preflight import check_open_files
+
+    try:
+        check_open_files(cfg)  # the pool against the open-file limit, as start checks it
+    except ActionFailedError as exc:
+        problems.append(str(exc))
     wanted_controllers = [c for c, v in (("memory", limits.memory_max), ("cpu", limits.cpu_max),
                                          ("pids", limits.pids_max)) if v is not None]
     if wanted_controllers:

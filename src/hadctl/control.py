@@ -10,8 +10,8 @@ a log folder that the service's user may write, are reached through safepath
 opened never blocking (``touch``). A pid_dir recorded as another service's is
 refused by every action (owner.check, in ``Service``); start records its own.
 
-Imports config, errors, layout, locks.flock, log, model, owner, probe, safepath,
-slots and spawn (and sockets, only when ``listen`` is set); never click or rich.
+Imports config, errors, layout, locks.flock, log, model, owner, preflight, probe,
+safepath, slots and spawn (and sockets, only when ``listen`` is set); never click or rich.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from .layout import Layout, read_pid_file, remove_stale
 from .locks import flock
 from .log import Log, open_append
 from .model import Outcome, SlotReport, Step
+from .preflight import check_open_files, not_a_file, read_only
 
 if lean.TYPE_CHECKING:
     from socket import socket
@@ -143,6 +144,9 @@ def prepare(svc: Service) -> None:
     cfg = svc.cfg
     refuse_beside_orphans(svc)
     check_paths(cfg)
+    low = check_open_files(cfg)
+    if low is not None:
+        svc.log.warn(low)
     ident = cfg.identity
     chown = os.geteuid() == 0 and ident.uid is not None
     given = (ident.uid or 0, -1 if ident.gid is None else ident.gid) if chown else None
@@ -214,8 +218,6 @@ def check_paths(cfg: ServiceConfig) -> None:
     log_file must not leave new folders in pid_dir. Changes nothing; raises
     ConfigError or NotPermittedError; ``prepare`` still reports whatever this
     cannot foresee."""
-    import stat
-
     for key, path, folder in (("pid_dir", cfg.pid_dir, True), ("locks.path", cfg.locks.path, True),
                               ("locks.standby_path", cfg.locks.standby_path, True),
                               ("log_file", cfg.log_file, False), ("stdout_file", cfg.stdout_file, False),
@@ -233,13 +235,15 @@ def check_paths(cfg: ServiceConfig) -> None:
         if existing == path and folder != os.path.isdir(path):
             problem = "is not a directory" if folder else "is a directory"
             raise ConfigError(f'{cfg.config_file}: key "{key}": {path} {problem}')
-        if existing == path and not folder and (stat.S_ISFIFO(os.lstat(path).st_mode) or
-                                                stat.S_ISSOCK(os.lstat(path).st_mode)):
-            # opening a FIFO for writing blocks until someone reads it: every command would hang
-            # (lstat: /dev/stdout, a link to whatever fd 1 is, stays allowed)
-            raise ConfigError(f'{cfg.config_file}: key "{key}": {path} is a FIFO or a socket, not a file')
+        why = not_a_file(path) if not folder else None
+        if why is not None:
+            raise ConfigError(f'{cfg.config_file}: key "{key}": {path} {why}')
         if existing != path and not os.path.isdir(existing):
             raise ConfigError(f'{cfg.config_file}: key "{key}": cannot create {path}: {existing} is not a directory')
+        if read_only(existing):  # (a disk error remounted it): no worker could take a slot there
+            what = f"start processes in {path}" if folder else f"write {key} {path}"
+            raise ActionFailedError(f"cannot {what}: Read-only file system; what runs keeps running, "
+                                    "stop and reload still work")
         if not os.access(existing, os.W_OK | (os.X_OK if existing != path else 0)):
             what = (f"write in {path}" if folder else f"open {key} {path}") if existing == path else f"create {path}"
             raise NotPermittedError(f"cannot {what}: Permission denied")
@@ -285,6 +289,8 @@ def remove(path: str) -> None:
     except FileNotFoundError:
         pass
     except OSError as exc:
+        if exc.errno == errno.EROFS:  # a read-only pid_dir: stop goes on; what stays is said as stale
+            return
         if exc.errno != errno.ELOOP:
             raise
         raise refusal(f"cannot remove {path}", exc) from exc
@@ -300,6 +306,13 @@ def clean_stale(svc: Service, stale: list[read_model.Stale]) -> None:
             svc.say(f"removed stale {os.path.basename(item.path)} ({item.why})", "OK")
         else:
             svc.say(f"cannot remove stale {item.path} ({item.why})", "Failed", ok=False)
+    for item in read_model.leftover_temporaries(svc.layout):
+        try:
+            safepath.unlink(item.path)  # the name itself, never what a link there points to
+            svc.log.info(f"removed {os.path.basename(item.path)} ({item.why})")
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                svc.say(f"cannot remove {item.path} ({item.why}): {exc.strerror}", "Failed", ok=False)
 
 
 def say_tampered(svc: Service, reports: list[SlotReport], log: bool = True) -> bool:
@@ -370,6 +383,12 @@ def fill(svc: Service, reports: list[SlotReport]) -> int:
             key = (now.role.value, now.slot)
             if now.running and key not in before and key not in started:
                 svc.say(f"{now.label} started (pid {now.pid})", "Started")
+    if any(kind == "main" for kind, _slot in started):
+        from .outputs import unopened
+
+        new_mains = [r for r in svc.slots()[0] if ("main", r.slot) in started]
+        for line in unopened(svc.cfg, new_mains):
+            svc.say(line, "Output", ok=False)
     return status
 
 

@@ -11,6 +11,7 @@ must stay small (no dataclasses). Imports nothing from hadctl.
 """
 from __future__ import annotations
 
+import errno
 import os
 
 PID_MAX = 4194304  # Linux's upper bound for pid_max
@@ -111,10 +112,17 @@ def write_pid_file(path: str, pid: int, extra: str = "") -> None:
     temporary = f"{path}.{pid}.tmp"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
     try:
-        os.write(fd, f"{pid}\n{extra}".encode() + (b"\n" if extra else b""))
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
+        try:
+            os.write(fd, f"{pid}\n{extra}".encode() + (b"\n" if extra else b""))
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+    except OSError:
+        try:
+            os.unlink(temporary)  # (no space left): not a file for ever; a writer killed here leaves it
+        except OSError:  # to the next controller (slots.leftover_temporaries)
+            pass
+        raise
 
 
 def remove_if_ours(path: str, pid: int) -> None:
@@ -123,8 +131,11 @@ def remove_if_ours(path: str, pid: int) -> None:
     if found is not None and found.pid == pid:
         try:
             os.unlink(path)
-        except FileNotFoundError:
-            pass
+        except OSError as exc:
+            # gone already; or a read-only pid_dir, where a leaving worker must still leave
+            # cleanly (the controller names what stays as stale)
+            if exc.errno not in (errno.ENOENT, errno.EROFS):
+                raise
 
 
 def remove_stale(path: str) -> bool:

@@ -37,7 +37,7 @@ from .log import open_append
 if lean.TYPE_CHECKING:
     from .config import ServiceConfig
     from .log import Log
-    from .model import Outcome
+    from .model import Outcome, SlotReport
     from .spec import WorkerSpec
 
 SYSLOG = "syslog"  # as config.SYSLOG (the worker does not import config)
@@ -124,8 +124,14 @@ class Outputs:
             elif path == SYSLOG:
                 continue  # the forwarder could not start: stay on log_file (logged then)
             else:
-                _attach(path, fd)
-                self.targets[fd] = path
+                self.targets[fd] = path  # (a reopen-logs tries it again)
+                try:
+                    _attach(path, fd)
+                except OSError as exc:
+                    # a failover must not die on a file it cannot open (logrotate's root 0644
+                    # create): keep writing where this fd already goes; status names the file
+                    self.log.error(f"cannot open {'stdout_file' if fd == 1 else 'stderr_file'} {path}: "
+                                   f"{exc.strerror}; still writing to {_where(fd)}")
 
     def reopen(self) -> None:
         """Open each output file again by name and put it in place of the old one.
@@ -141,6 +147,13 @@ class Outputs:
                 _attach(path, fd)
             except OSError as exc:
                 self.log.error(f"cannot reopen {path}: {exc.strerror}; still writing to the old file")
+
+
+def _where(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return f"fd {fd}"
 
 
 def _attach(path: str, fd: int) -> None:
@@ -306,6 +319,30 @@ def _same(found: os.stat_result, path: str) -> bool:
     except OSError:
         return False
     return (found.st_dev, found.st_ino) == (there.st_dev, there.st_ino)
+
+
+def unopened(cfg: ServiceConfig, reports: list[SlotReport]) -> list[str]:
+    """One line for each output file that a running main of ``reports`` could not open
+    (it keeps writing where it wrote before: Outputs.attach_main), for status and start.
+    Read from /proc/PID/fd: nothing when that is not ours to see."""
+    from .model import Role
+
+    found = []
+    for report in reports:
+        if report.role is not Role.MAIN or report.pid is None or report.host is not None:
+            continue
+        for fd, key, path in ((1, "stdout_file", cfg.main_stdout), (2, "stderr_file", cfg.main_stderr)):
+            if path == SYSLOG:
+                continue
+            try:
+                if _same(os.stat(f"/proc/{report.pid}/fd/{fd}"), path):
+                    continue
+                where = os.readlink(f"/proc/{report.pid}/fd/{fd}")
+            except OSError:  # gone meanwhile, or another user's process
+                continue
+            found.append(f"main #{report.slot} (pid {report.pid}): {key} {path} is not open, it writes to {where}; "
+                         f"check {cfg.log_file} for details")
+    return found
 
 
 def get_logrotate(cfg: ServiceConfig) -> str:

@@ -173,3 +173,17 @@ def unknown_pid_files(layout: Layout, service: str | None = None) -> list[Stale]
                 found.append(Stale(pid_file.path, f"{name} names pid {pid_file.pid}, no starting worker of "
                                    f"{service}", pid_file.pid))
     return found
+
+
+def leftover_temporaries(layout: Layout) -> list[Stale]:
+    """``NAME.pid.PID.tmp`` files (layout.write_pid_file's, before its rename) whose
+    writer PID is gone: a spawn that failed half-way (no space, no inode left) left
+    them, and nobody else ever will remove them. A live PID may be writing it now."""
+    found = []
+    for name in probe.listdir(layout.pid_dir):
+        head, _dot, rest = name.rpartition(".pid.")
+        pid = rest[:-len(".tmp")] if rest.endswith(".tmp") else ""
+        if not head or not pid.isdigit() or not pid.isascii() or probe.is_alive(int(pid)):
+            continue
+        found.append(Stale(os.path.join(layout.pid_dir, name), f"left by pid {pid}, which is gone", int(pid)))
+    return found

@@ -281,7 +281,10 @@ def _stdio_to_log(log_file: str) -> None:
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
-    log = open_append(log_file)
+    try:
+        log = open_append(log_file)
+    except OSError:  # (no inode left, read-only...): a worker without its log beats no worker
+        log = os.open(os.devnull, os.O_WRONLY)
     os.dup2(log, 1)
     os.dup2(log, 2)
     os.close(log)
@@ -436,7 +439,10 @@ def spawn_from_worker(spec: WorkerSpec, close: tuple[int, ...] = (), alive_fd: i
     listening = len(spec.listen_names)
     spec_fd = 3 + listening
     spec_read, spec_write = os.pipe()
-    log = open_append(spec.log_file)
+    try:
+        log = open_append(spec.log_file)
+    except OSError:  # (a log_file its user may not open): the output of its spawner, not no standby
+        log = os.dup(2)
     alive_copy = -1
     try:
         actions = [

@@ -17,7 +17,7 @@ Leftovers (processes of the service that are no worker: a dead main's pool, a
 setsid daemon) are found by contain.py, by cgroup or marker, and ended last
 (``end_leftovers``).
 
-Imports contain, control, errors, lean, locks.flock, model and probe; never click or rich.
+Imports contain, control, errors, lean, locks.flock, model, probe and safepath; never click or rich.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from .control import Service, refusal, remove, touch
 from .errors import ActionFailedError, NotPermittedError
 from .locks import flock
 from .model import Role, SlotReport
+from .safepath import open_beneath
 
 Targets = list[tuple[SlotReport, probe.Target]]
 
@@ -167,6 +168,22 @@ def clear_standbys(svc: Service, reports: list[SlotReport]) -> list[SlotReport]:
     return survivors
 
 
+def make_stop_file(svc: Service) -> bool:
+    """stop's first step: the standby stop file, which keeps cron's ``fork`` (and
+    respawning mains) from starting the service again. True when it could not be
+    made: then one failed line says so, and the stop exits 1 (what runs is still
+    stopped; a stop that exits 0 must stay stopped)."""
+    path = svc.cfg.standby_stop_file
+    try:
+        touch(path)
+    except OSError as exc:
+        why = str(refusal(f"cannot create standby stop file {path}", exc)) if exc.errno == errno.ELOOP \
+            else f"cannot create standby stop file {path}: {exc.strerror}"
+        svc.say(f"{why}: a fork (cron, timer) will start {svc.cfg.name} again", "Failed", ok=False)
+        return True
+    return False
+
+
 def wait_for_the_last(svc: Service) -> int:
     """Wait until every process of the service has exited, slot or no slot, and
     return how many survived.
@@ -260,7 +277,7 @@ def _file_key(path: str) -> tuple[int, int, int]:
     """(major, minor, inode) of the file at ``path``, opened never through a symlink
     (OSError ELOOP): its user may write in pid_dir, and a link there swapped in while
     stop waits must not make a root controller signal whoever holds the link's target."""
-    fd = flock.open_lock_file(path)
+    fd = open_beneath(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)  # (a read-only pid_dir too)
     try:
         st = os.fstat(fd)
     finally:

@@ -491,8 +491,15 @@ def take_control(path: str, timeout: float) -> int | None:
 
     Returns the fd (keep it open for the action's life) or None on time-out.
     The wait is a blocking flock interrupted by a timer signal, not a poll.
+    On a read-only file system (a disk error remounted it) the existing file is
+    flocked through a read-only fd: stop and reload must still work there.
     """
-    fd = open_lock_file(path)
+    try:
+        fd = open_lock_file(path)
+    except OSError as exc:
+        if exc.errno != errno.EROFS:
+            raise
+        fd = _open_to_read(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return fd
