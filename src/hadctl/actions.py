@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import time
 
-from . import lean, probe, stopping
+from . import backoff, lean, probe, stopping
 from .config import ServiceConfig
 from .control import ControlLock, Service, clean_stale, fill, prepare, remove, suspect, touch
 from .errors import ActionFailedError, ConfigError, NotRunningError
@@ -128,6 +128,8 @@ def _stop_locked(svc: Service) -> Outcome:
         svc.say(f"{report.label} (pid {report.pid}) still holds its slot", "Failed", ok=False)
     if not running:
         remove(svc.layout.starts_file)  # a clean stop ends any crash-loop history
+        for slot in range(1, cfg.locks.max_procs + 1):
+            remove(backoff.handover_file(cfg.pid_dir, slot))
     doubtful = suspect(svc, reports, elsewhere=not stopped_any)  # (workers elsewhere: when none ran here)
     if not stopped_any and not doubtful:
         svc.say("Not Running", "OK")

@@ -299,8 +299,8 @@ class Worker(Waits):
         if wait <= 0:
             return True
         self.enter(BACKOFF)
-        self.log.warn(f"crash loop: {run} promotions within {spec.start_limit_interval:g} s of each other; "
-                      f"this standby waits {wait:g} s before taking a slot")
+        self.log.warn(f"crash loop: {run} unexpected deaths of mains within {spec.start_limit_interval:g} s "
+                      f"of each other; this standby waits {wait:g} s before taking a slot")
         until = time.monotonic() + wait
         paths.write_pid_file(self.layout.backoff_file, self.pid, extra=f"{wait:.3f}")
         try:
@@ -438,7 +438,8 @@ class Worker(Waits):
         (in that order: the replacement may take it at once)."""
         try:
             self.log.info(f"main #{slot} running {self.spec.entrypoint} (pid {self.pid}, promoted)")
-            backoff.record_start(self.layout.starts_file)
+            if not backoff.take_handover(self.spec.pid_dir, slot):  # its main died: no one asked it to go
+                backoff.record_death(self.layout.starts_file)
             if self.spec.respawn_standby and not self._stop_file_exists():
                 self._respawn_standby()
             self._rename_pid_file(self.layout.pid_file("main", slot))
@@ -516,13 +517,14 @@ class Worker(Waits):
             settled.acquire()
             _thread.start_new_thread(self._settle_promotion, (slot, standby_fd, settled))
         else:
-            # Not promoted: a main died moments ago (a crash loop) if the record says
-            # so; a replacement spawned by a promoted main always refills the pool.
-            earlier = backoff.record_start(self.layout.starts_file)
-            replacing = spec.spawned_by_main or \
-                (bool(earlier) and time.monotonic() - earlier[-1] < spec.start_limit_interval)
+            # Not promoted. A controller's process took a free slot: nothing died. A
+            # promoted main's replacement standby found the slot free: its main died
+            # (unless a controller ended it on purpose), and it refills the pool itself.
+            handed_over = backoff.take_handover(spec.pid_dir, slot)
+            if spec.spawned_by_main and not handed_over:
+                backoff.record_death(self.layout.starts_file)
             self.log.info(f"main #{slot} running {spec.entrypoint} (pid {self.pid})")
-            if replacing and spec.respawn_standby and not self._stop_file_exists():
+            if spec.spawned_by_main and spec.respawn_standby and not self._stop_file_exists():
                 self._respawn_standby()
             self._rename_pid_file(self.layout.pid_file("main", slot))
             self.report(protocol.MAIN, slot)

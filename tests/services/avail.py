@@ -1,0 +1,26 @@
+"""Services for tests/test_availability.py (issue 12, availability items).
+
+Importing this module misbehaves on request, so a test can break the *new* code
+of a restart by changing only the config's ``env``:
+
+* ``AVAIL_IMPORT=fail``: the import raises (new code that cannot be imported);
+* ``AVAIL_IMPORT=hang``: the import blocks for ever, in a helper function (an
+  import that waits on a server that never answers).
+
+``serve`` is the well-behaved main of tests/services/basic.py.
+"""
+import os
+import time
+
+from tests.services.basic import serve  # noqa: F401 - the entrypoint
+
+
+def _wait_for_a_server_that_never_answers() -> None:
+    while True:
+        time.sleep(3600)
+
+
+if os.environ.get("AVAIL_IMPORT") == "fail":
+    raise ImportError("tests.services.avail: broken on purpose (AVAIL_IMPORT=fail)")
+if os.environ.get("AVAIL_IMPORT") == "hang":
+    _wait_for_a_server_that_never_answers()
