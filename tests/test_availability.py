@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 
 import pytest
 
-from conftest import pid_alive, wait_until  # noqa: F401 - pid_alive: used by later tests
+from conftest import pid_alive, wait_until
 
 
 def _pool(svc) -> dict[tuple[str, int], int]:
@@ -63,3 +64,51 @@ def test_issue12_a_real_crash_loop_still_backs_off(service):
     wait_until(lambda: (svc.pid_dir / "hadctl-backoff.pid").exists(), 15, "a standby in back-off")
     assert "crash loop: 3 unexpected deaths" in svc.log_file.read_text()
     svc.run("stop", check=True)
+
+
+# ------------------------------------------------------------ item 6: a restart with broken new code
+
+
+@pytest.mark.parametrize("standbys", [1, 2])
+def test_issue12_a_restart_with_broken_new_code_leaves_the_service_as_it_was(service, standbys):
+    svc = service(entrypoint="tests.services.avail:serve", locks={"max_procs": 2, "standby_max_procs": standbys})
+    svc.run("start", check=True)
+    before = _pool(svc)
+    svc.write(**{**svc.settings, "env": {"AVAIL_IMPORT": "fail"}})
+    result = svc.run("restart", check=1)
+    assert "the old mains and standbys still run" in result.stdout + result.stderr, result
+    assert _pool(svc) == before
+    svc.run("status", check=0)
+    svc.run("fork", check=0)  # nothing to do: the pool is whole
+    assert _pool(svc) == before
+    svc.write(**{**svc.settings, "env": {}})  # fixed: the next restart goes through
+    svc.run("restart", check=True)
+    after = _pool(svc)
+    assert sorted(after) == sorted(before) and not set(after.values()) & set(before.values())
+
+
+# ------------------------------------------------------------ item 5: a controller killed mid-restart
+
+
+def test_issue12_a_restart_killed_beside_a_stopped_standby_leaves_what_fork_repairs(service):
+    # The standby is stopped and deaf to TERM and the stop file (SIGCONT alone does
+    # not make it leave), so a restart stays at its standbys for signal_kill_timeout.
+    svc = service(entrypoint="tests.services.avail:serve", warmup="tests.services.avail:deaf")
+    svc.run("start", check=True)
+    standby = svc.pid_of("standby")
+    os.kill(standby, signal.SIGSTOP)
+    try:
+        restart = subprocess.Popen([*svc.command, "-c", str(svc.config), "restart"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            restart.wait(timeout=0.4)
+        except subprocess.TimeoutExpired:
+            restart.kill()
+            restart.wait()
+        svc.run("fork", check=0)
+        assert not (svc.pid_dir / "standby-stop-file").exists()
+        wait_until(lambda: _whole(svc, 1, 1), 10, "fork to restore the pool")
+        svc.run("status", check=0)
+    finally:
+        if pid_alive(standby):
+            os.kill(standby, signal.SIGCONT)

@@ -5,11 +5,14 @@ Only a death counts: not a start, and not a hand-over a controller asked for.
 Whoever ends a main on purpose (stop, restart, the watchdog or max_rss, in a
 controller or in a watching standby) first calls ``note_handover(pid_dir, slot,
 pid)``; the next main of that slot takes the note (``take_handover``). A main
-that takes a slot whose holder left without a note (a promoted standby, or a
-main's replacement standby that found the slot free) records a death with
-``record_death``: its ``time.monotonic()`` (system-wide, so comparable between
-processes), appended under a short flock. A main started by a controller into a
-free slot records nothing: nothing it can see died.
+whose function ends though nobody asked counts its own death (``main_ended``)
+and leaves a note DIED for its successor. A main that takes a slot whose holder
+left without any note (it was killed: a promoted standby, or a main's
+replacement standby that found the slot free) records the death with
+``record_death``. A record is a ``time.monotonic()`` (system-wide, so comparable
+between processes), appended under a short flock. A main started by a
+controller into a slot left without a note records nothing: nothing it can see
+died (the service was stopped, or the host rebooted).
 
 A new standby (one spawned by a promoted main, not by a person) asks ``delay()``
 how long it must wait before it may take a standby slot:
@@ -36,9 +39,14 @@ def handover_file(pid_dir: str, slot: int) -> str:
     return os.path.join(pid_dir, f"hadctl-handover-{slot}")
 
 
-def note_handover(pid_dir: str, slot: int, pid: int) -> None:
-    """Say that main ``pid`` of ``slot`` is being ended on purpose: its successor
-    records no death. Made anew (O_EXCL, never through a link: a root controller
+ASKED = "asked"  # a controller or the watchdog ends that main on purpose
+DIED = "died"  # that main left on its own (its function ended): its death is counted already
+
+
+def note_handover(pid_dir: str, slot: int, pid: int, why: str = ASKED) -> None:
+    """Say why main ``pid`` of ``slot`` leaves: ASKED (by a controller, the watchdog)
+    or DIED (it ended on its own and counted its death itself). Its successor reads
+    it (``take_handover``). Made anew (O_EXCL, never through a link: a root controller
     writes here in the service user's pid_dir); a failure only costs a death counted."""
     path = handover_file(pid_dir, slot)
     try:
@@ -50,21 +58,50 @@ def note_handover(pid_dir: str, slot: int, pid: int) -> None:
     except OSError:
         return
     try:
-        os.write(fd, f"{pid}\n".encode())
+        os.write(fd, f"{pid} {why}\n".encode())
     except OSError:
         pass
     finally:
         os.close(fd)
 
 
-def take_handover(pid_dir: str, slot: int) -> bool:
-    """Remove the hand-over note of ``slot``; True when there was one (the slot's
-    last main was ended on purpose)."""
+def read_handover(pid_dir: str, slot: int) -> tuple[int, str] | None:
+    """(pid, why) of the hand-over note of ``slot``, or None."""
+    try:
+        fd = os.open(handover_file(pid_dir, slot), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        words = os.read(fd, 64).split()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(words) != 2 or not words[0].isdigit():
+        return None
+    return int(words[0]), words[1].decode("ascii", "replace")
+
+
+def take_handover(pid_dir: str, slot: int) -> str | None:
+    """Read and remove the hand-over note of ``slot``: ASKED, DIED, or None when there
+    is none (its main was killed: a death nobody counted yet)."""
+    found = read_handover(pid_dir, slot)
     try:
         os.unlink(handover_file(pid_dir, slot))
     except OSError:
-        return False
-    return True
+        pass
+    return found[1] if found is not None else None
+
+
+def main_ended(pid_dir: str, slot: int, pid: int, starts_file: str) -> None:
+    """Main ``pid`` of ``slot`` is leaving (its function ended), before it frees the
+    slot: unless it was asked to (a note ASKED naming it), count its death and say
+    so to its successor (a note DIED), which then counts it no second time."""
+    found = read_handover(pid_dir, slot)
+    if found is not None and found == (pid, ASKED):
+        return
+    record_death(starts_file)
+    note_handover(pid_dir, slot, pid, DIED)
 
 
 def record_death(path: str) -> None:

@@ -335,9 +335,11 @@ def suspect(svc: Service, reports: list[SlotReport], log: bool = True, elsewhere
 # ------------------------------------------------------------ filling free slots
 
 
-def fill(svc: Service, reports: list[SlotReport]) -> int:
+def fill(svc: Service, reports: list[SlotReport], standby_extra: int = 0) -> int:
     """Spawn one process per free slot of ``reports``; returns the LSB status of the
-    attempt (0; 1 failed; 5 the entrypoint cannot be imported), saying each result."""
+    attempt (0; 1 failed; 5 the entrypoint cannot be imported), saying each result.
+    ``standby_extra``: they try that many standby slots above the configured ones first
+    (restart's new standbys, spec.py)."""
     free = [r for r in reports if not r.running]
     if not free:
         return 0
@@ -346,7 +348,7 @@ def fill(svc: Service, reports: list[SlotReport]) -> int:
     failures: set[str] = set()
     started: set[tuple[str, int | None]] = set()
     others = False
-    for report in _spawn(svc, len(free)):
+    for report in _spawn(svc, len(free), standby_extra):
         if report.kind in ("main", "standby"):
             svc.say(f"{report.kind} #{report.slot} started (pid {report.pid})", "Started")
             started.add((report.kind, report.slot))
@@ -373,8 +375,12 @@ def fill(svc: Service, reports: list[SlotReport]) -> int:
     return status
 
 
-def _spawn(svc: Service, count: int) -> list[spawn.Report]:
+def _spawn(svc: Service, count: int, standby_extra: int = 0) -> list[spawn.Report]:
     spec = svc.cfg.worker_spec()
+    if standby_extra:
+        from .record import replace
+
+        spec = replace(spec, standby_extra=standby_extra)
     env = spawn.worker_environment(spec)  # with the service's marker (contain.MARKER, owner.py)
     listen_fds: tuple[int, ...] = ()
     if svc.cfg.listen:  # every socket in hand before the first fork

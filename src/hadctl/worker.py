@@ -215,7 +215,10 @@ class Worker(Waits):
                 self.engine.release_main(*taken)
                 return self.leave(protocol.STOPFILE)
             return self._run_main(taken[0], taken[1], function)
-        standbys = [(s, self.layout.lock_file("standby", s)) for s in range(spec.locks_standby_max_procs, 0, -1)]
+        # (a restart's new standby takes a slot above the configured ones first: the old
+        # standbys keep theirs until every new one is ready, actions.restart)
+        top = spec.locks_standby_max_procs + spec.standby_extra
+        standbys = [(s, self.layout.lock_file("standby", s)) for s in range(top, 0, -1)]
         standby = flock.take_first_free(standbys, self.pid)
         if standby is None:
             return self.leave(protocol.NOSLOT)
@@ -425,7 +428,7 @@ class Worker(Waits):
 
         try:
             lock_fd = hadctl._state.get("lock_fd")
-            child = spawn_from_worker(replace(self.spec, spawned_by_main=True),
+            child = spawn_from_worker(replace(self.spec, spawned_by_main=True, standby_extra=0),
                                       close=(lock_fd,) if isinstance(lock_fd, int) else (), alive_fd=self.alive_fd)
             self.log.trace(f"spawned replacement standby {child}")
         except OSError as exc:
@@ -438,7 +441,7 @@ class Worker(Waits):
         (in that order: the replacement may take it at once)."""
         try:
             self.log.info(f"main #{slot} running {self.spec.entrypoint} (pid {self.pid}, promoted)")
-            if not backoff.take_handover(self.spec.pid_dir, slot):  # its main died: no one asked it to go
+            if backoff.take_handover(self.spec.pid_dir, slot) is None:  # its main was killed, unasked
                 backoff.record_death(self.layout.starts_file)
             if self.spec.respawn_standby and not self._stop_file_exists():
                 self._respawn_standby()
@@ -517,14 +520,15 @@ class Worker(Waits):
             settled.acquire()
             _thread.start_new_thread(self._settle_promotion, (slot, standby_fd, settled))
         else:
-            # Not promoted. A controller's process took a free slot: nothing died. A
-            # promoted main's replacement standby found the slot free: its main died
-            # (unless a controller ended it on purpose), and it refills the pool itself.
-            handed_over = backoff.take_handover(spec.pid_dir, slot)
-            if spec.spawned_by_main and not handed_over:
+            # Not promoted: a free slot. Its main died if it said so (a note DIED, counted
+            # by itself), or, for a main's replacement standby, if it left no note at all
+            # (killed). Then this process, meant as a standby, refills the pool itself.
+            why = backoff.take_handover(spec.pid_dir, slot)
+            if spec.spawned_by_main and why is None:
                 backoff.record_death(self.layout.starts_file)
+            replacing = spec.spawned_by_main or why == backoff.DIED
             self.log.info(f"main #{slot} running {spec.entrypoint} (pid {self.pid})")
-            if spec.spawned_by_main and spec.respawn_standby and not self._stop_file_exists():
+            if replacing and spec.respawn_standby and not self._stop_file_exists():
                 self._respawn_standby()
             self._rename_pid_file(self.layout.pid_file("main", slot))
             self.report(protocol.MAIN, slot)
@@ -546,6 +550,7 @@ class Worker(Waits):
             paths.remove_if_ours(self.layout.ready_file(slot), self.pid)
             paths.remove_if_ours(self.pid_file, self.pid)
             self.enter(DONE)
+            backoff.main_ended(spec.pid_dir, slot, self.pid, self.layout.starts_file)  # before the slot is free
             self.engine.release_main(slot, fd)
         self.log.info(f"main #{slot} returned, exit status {code}")
         return code
