@@ -7,10 +7,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 
 import pytest
 
 from conftest import pid_alive, wait_until
+from support import marked_processes
 
 
 def _pool(svc) -> dict[tuple[str, int], int]:
@@ -112,3 +114,29 @@ def test_issue12_a_restart_killed_beside_a_stopped_standby_leaves_what_fork_repa
     finally:
         if pid_alive(standby):
             os.kill(standby, signal.SIGCONT)
+
+
+# ------------------------------------------------------------ item 9: a worker whose import hangs
+
+
+def test_issue12_workers_whose_import_hangs_are_ended_and_named(service, monkeypatch, no_leftovers):
+    monkeypatch.setenv("HADCTL_SPAWN_TIMEOUT", "1")
+    svc = service(entrypoint="tests.services.avail:serve", env={"AVAIL_IMPORT": "hang"})
+    began = time.monotonic()
+    result = svc.run("start", check=1)
+    assert time.monotonic() - began < 5, "start waited far longer than the spawn timeout"
+    assert "no report within 1 s: the import of tests.services.avail hung" in result.stdout + result.stderr, result
+    log = svc.log_file.read_text()
+    assert "_wait_for_a_server_that_never_answers" in log  # where it hangs, from faulthandler
+    wait_until(lambda: not marked_processes("HADCTL_TEST_ID", no_leftovers), 5, "no worker left")
+    for _ in range(3):  # cron's fork every minute must not pile them up
+        svc.run("fork", check=1)
+        wait_until(lambda: not marked_processes("HADCTL_TEST_ID", no_leftovers), 5, "no worker left after fork")
+
+
+def test_issue12_a_spawn_timeout_that_is_no_number_is_refused(service, monkeypatch):
+    svc = service()
+    monkeypatch.setenv("HADCTL_SPAWN_TIMEOUT", "soon")
+    result = svc.run("start", check=6)
+    assert result.stderr.count("\n") == 1 and "HADCTL_SPAWN_TIMEOUT" in result.stderr, result.stderr
+    assert not marked_processes("HADCTL_TEST_ID", os.environ["HADCTL_TEST_ID"])

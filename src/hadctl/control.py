@@ -30,9 +30,9 @@ from .model import Outcome, SlotReport, Step
 if lean.TYPE_CHECKING:
     from socket import socket
 
+    from . import contain
     from .locks.engine import Engine
 
-SPAWN_TIMEOUT = 30.0
 CONTROL_TIMEOUT = 60.0
 
 
@@ -376,11 +376,13 @@ def fill(svc: Service, reports: list[SlotReport], standby_extra: int = 0) -> int
 
 
 def _spawn(svc: Service, count: int, standby_extra: int = 0) -> list[spawn.Report]:
-    spec = svc.cfg.worker_spec()
-    if standby_extra:
-        from .record import replace
+    """Spawn ``count`` workers and read their reports; a worker that has not reported
+    within the spawn timeout is ended with what it started (spawn.end_unreported), and
+    where it hung goes to the log."""
+    from .record import replace
 
-        spec = replace(spec, standby_extra=standby_extra)
+    timeout = spawn.spawn_timeout() + (svc.cfg.ready_timeout or 0)
+    spec = replace(svc.cfg.worker_spec(), standby_extra=standby_extra, spawn_timeout=timeout)
     env = spawn.worker_environment(spec)  # with the service's marker (contain.MARKER, owner.py)
     listen_fds: tuple[int, ...] = ()
     if svc.cfg.listen:  # every socket in hand before the first fork
@@ -388,8 +390,20 @@ def _spawn(svc: Service, count: int, standby_extra: int = 0) -> list[spawn.Repor
 
         listen_fds = sockets.for_workers(svc)
     started = [spawn.spawn(spec, env, listen_fds) for _ in range(count)]
-    timeout = SPAWN_TIMEOUT + (svc.cfg.ready_timeout or 0)
-    return spawn.collect(started, timeout)
+    reports = spawn.collect(started, timeout, tuple(svc.cfg.python_path))
+    for report in reports:
+        if report.detail:
+            svc.log.error(f"pid {report.pid} {report.message}; where it hangs:\n{report.detail.rstrip()}")
+    ended = spawn.end_unreported(started, reports, _finder(svc), svc.cfg.signal_timeout)
+    if ended:
+        svc.log.warn(f"ended {len(ended)} processes of workers that did not report: {' '.join(map(str, ended))}")
+    return reports
+
+
+def _finder(svc: Service) -> contain.Finder:
+    from .contain import finder_for
+
+    return finder_for(svc.cfg)
 
 
 def _cut_back_off(svc: Service) -> None:

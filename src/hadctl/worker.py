@@ -44,6 +44,7 @@ through ``block``.
 from __future__ import annotations
 
 import _thread
+import faulthandler
 import fcntl
 import os
 import sys
@@ -186,6 +187,7 @@ class Worker(Waits):
 
     def _run_with_pid_file(self) -> int:
         spec = self.spec
+        self._limit_the_start()
         function = self._import(spec.entrypoint, "entrypoint")
         if function is None:
             return self.leave(code=EX_NOTINSTALLED)
@@ -202,6 +204,8 @@ class Worker(Waits):
                 traceback.print_exc()
                 return self.leave(protocol.ERROR, f"warmup {spec.warmup} failed: {type(exc).__name__}: {exc}", 1)
         hadctl._state["warmup"] = warm
+        if spec.spawn_timeout:
+            faulthandler.cancel_dump_traceback_later()
         if self._stop_file_exists():  # a stop began while we were importing
             return self.leave(protocol.STOPFILE)
         if spec.spawned_by_main and not self._back_off():
@@ -242,6 +246,15 @@ class Worker(Waits):
             flock.release(standby_fd)
             return self.leave()
         return self._run_main(promoted[0], promoted[1], function, standby_fd)
+
+    def _limit_the_start(self) -> None:
+        """A worker whose import or warmup hangs must not stay: at the spawn timeout a
+        faulthandler thread writes where it hangs on the report pipe (the controller
+        logs it and names the import; a main's replacement standby has none: the log)
+        and exits; the controller then ends what it started (spawn.end_unreported)."""
+        if self.spec.spawn_timeout:
+            out = self.report_fd if self.report_fd >= 0 else 2
+            faulthandler.dump_traceback_later(self.spec.spawn_timeout, exit=True, file=out)
 
     def _contain(self) -> None:
         """What this worker starts carries its pid (contain.OWNER); a replacement standby,
