@@ -111,6 +111,8 @@ def test_issue12_a_restart_killed_beside_a_stopped_standby_leaves_what_fork_repa
         assert not (svc.pid_dir / "standby-stop-file").exists()
         wait_until(lambda: _whole(svc, 1, 1), 10, "fork to restore the pool")
         svc.run("status", check=0)
+        # the new standby the killed restart left above standby_max_procs is ended too
+        assert sorted(_pool(svc)) == [("main", 1), ("standby", 1)], _pool(svc)
     finally:
         if pid_alive(standby):
             os.kill(standby, signal.SIGCONT)

@@ -43,11 +43,13 @@ def _start_locked(svc: Service, action: str) -> Outcome:
     reports, stale = svc.slots()
     clean_stale(svc, stale)
     if all(r.running for r in reports):
+        _end_extra_standbys(svc)  # a killed restart's
         svc.say("Already Running", "OK")
         return svc.outcome(action, 0, reports)
     if suspect(svc, reports):
         return svc.outcome(action, 1, reports)  # a second main would start beside them
     status = fill(svc, reports)
+    _end_extra_standbys(svc)
     return svc.outcome(action, status, svc.slots()[0])
 
 
@@ -67,6 +69,7 @@ def fork(cfg: ServiceConfig) -> Outcome:
         if not all(r.running for r in reports) and suspect(svc, reports):
             return svc.outcome("fork", 1, reports)  # a second main would start beside them
         status = fill(svc, reports)
+        _end_extra_standbys(svc)  # a killed restart's
         return svc.outcome("fork", status, svc.slots()[0] if svc.steps else reports)
 
 
@@ -213,7 +216,7 @@ def _refresh_standbys(svc: Service, action: str) -> bool:
     old ones keep their slots: False, said. (A new process may take a free main
     slot instead: a main was missing, and it stays.)"""
     count = svc.cfg.locks.standby_max_procs
-    _end_extra_standbys(svc)  # left by a restart killed before it ended them
+    _end_extra_standbys(svc, force=True)  # left by a restart killed before it ended them
     old = [r for r in svc.slots()[0] if r.role is Role.STANDBY and r.running]
     if fill(svc, [SlotReport(Role.STANDBY, count + n, None) for n in range(count, 0, -1)], standby_extra=count):
         new = [r for r in svc.slots()[0] + svc.extra_slots()
@@ -226,11 +229,12 @@ def _refresh_standbys(svc: Service, action: str) -> bool:
     return True
 
 
-def _end_extra_standbys(svc: Service) -> None:
+def _end_extra_standbys(svc: Service, force: bool = False) -> None:
     """End the standbys held above ``standby_max_procs`` (a restart's new ones that no
-    main slot needed, or that a killed restart left behind)."""
+    main slot needed, or that a killed restart left behind) once every configured
+    standby slot is held (or with ``force``): they are spare, never the last standby."""
     extra = [r for r in svc.extra_slots() if r.role is Role.STANDBY]
-    if extra:
+    if extra and (force or all(r.running for r in svc.slots()[0] if r.role is Role.STANDBY)):
         stopping.stop_standbys(svc, extra, quiet_lines=True)
 
 

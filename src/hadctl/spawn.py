@@ -128,12 +128,13 @@ def parse_report(line: str) -> Report:
     return Report(ERROR, None, None, f"unreadable report {line!r}")
 
 
-def write_report(fd: int, kind: str, pid: int, slot: int | None = None, message: str = "") -> None:
-    """Write one report line to ``fd``; a reader that went away is not an error."""
+def write_report(fd: int, kind: str, pid: int, slot: int | None = None, message: str = "") -> bool:
+    """Write one report line to ``fd``; False when the reader went away (no error)."""
     try:
         os.write(fd, (format_report(kind, pid, slot, message) + "\n").encode("utf-8", "replace"))
     except OSError:
-        pass
+        return False
+    return True
 
 
 class Spawned:

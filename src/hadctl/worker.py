@@ -133,13 +133,15 @@ class Worker(Waits):
 
     # ------------------------------------------------------------ reporting
 
-    def report(self, kind: str, slot: int | None = None, message: str = "") -> None:
-        """Tell the controller (once) how we ended up; then close the pipe."""
+    def report(self, kind: str, slot: int | None = None, message: str = "") -> bool:
+        """Tell the controller (once) how we ended up; then close the pipe. False when
+        the controller that spawned us is gone (killed) and nobody reads it."""
         if self.report_fd < 0:
-            return
-        protocol.write_report(self.report_fd, kind, self.pid, slot, message)
+            return True
+        delivered = protocol.write_report(self.report_fd, kind, self.pid, slot, message)
         os.close(self.report_fd)
         self.report_fd = -1
+        return delivered
 
     def leave(self, kind: str = "", message: str = "", code: int = 0) -> int:
         """Enter ``leaving``, report ``kind`` (if any); returns the exit status."""
@@ -232,7 +234,9 @@ class Worker(Waits):
             flock.release(standby_fd)
             return self.leave(protocol.STOPFILE)
         self.enter(STANDBY)
-        self.report(protocol.STANDBY, standby_slot)
+        if not self.report(protocol.STANDBY, standby_slot) and standby_slot > spec.locks_standby_max_procs:
+            flock.release(standby_fd)  # a spare slot of a restart that was killed: nobody would end us
+            return self.leave()
         self.log.trace(f"standby #{standby_slot} waiting for a main slot ({spec.locks_engine})")
         self._start_watching(mains)
         try:
