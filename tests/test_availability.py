@@ -59,6 +59,18 @@ def test_issue12_a_clean_start_of_six_mains_counts_no_death(service):
     assert not (svc.pid_dir / "hadctl-backoff.pid").exists()
 
 
+def test_issue12_watchdog_replacements_are_hand_overs_not_deaths(service):
+    # Every main hangs soon and the watching standby replaces it: asked for, so its
+    # replacement standby never backs off, even with a burst of 1.
+    svc = service(entrypoint="tests.services.contained:hangs", watchdog_timeout=0.3, kill_timeout=0.5,
+                  start_limit_burst=1, start_limit_interval=60, env={"HANG": "stop", "HEALTHY": "0.1"})
+    svc.run("start", check=True)
+    wait_until(lambda: sum(1 for line in svc.ledger_lines() if line[0] == "enter") >= 4, 20,
+               "three replacements by the watchdog")
+    assert "crash loop" not in svc.log_file.read_text()
+    svc.run("stop", check=True)
+
+
 def test_issue12_a_real_crash_loop_still_backs_off(service):
     svc = service(entrypoint="tests.services.basic:crash", start_limit_burst=3, start_limit_interval=30,
                   restart_backoff_max=30)

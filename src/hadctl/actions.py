@@ -232,10 +232,18 @@ def _refresh_standbys(svc: Service, action: str) -> bool:
 def _end_extra_standbys(svc: Service, force: bool = False) -> None:
     """End the standbys held above ``standby_max_procs`` (a restart's new ones that no
     main slot needed, or that a killed restart left behind) once every configured
-    standby slot is held (or with ``force``): they are spare, never the last standby."""
+    standby slot is held, filling them first if need be (or at once, with ``force``):
+    they are spare, never the last standby."""
     extra = [r for r in svc.extra_slots() if r.role is Role.STANDBY]
-    if extra and (force or all(r.running for r in svc.slots()[0] if r.role is Role.STANDBY)):
-        stopping.stop_standbys(svc, extra, quiet_lines=True)
+    if not extra:
+        return
+    if not force:
+        standbys = [r for r in svc.slots()[0] if r.role is Role.STANDBY]
+        if not all(r.running for r in standbys) and fill(svc, standbys) != 0:
+            return
+        if not all(r.running for r in svc.slots()[0] if r.role is Role.STANDBY):
+            return
+    stopping.stop_standbys(svc, extra, quiet_lines=True)
 
 
 def _hand_over(svc: Service, report: SlotReport) -> bool:
