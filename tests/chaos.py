@@ -630,13 +630,13 @@ class Chaos:
             proc.kill()
             proc.wait()
             self.note(f"hadctl {action} SIGKILLed after {delay * 1000:.0f} ms")
+        if action == "stop":  # the mains it ended were asked to go (a main killed by its TERM writes no exit line)
+            self.stops.append((begin, time.monotonic()))
         stop_file = self.pid_dir / "standby-stop-file"
         if action != "stop" and os.path.lexists(stop_file):
             self.violate(f"killed controllers: a {action} killed after {delay * 1000:.0f} ms left {stop_file}")
         repair = "start" if action == "stop" else self.rng.choice(("start", "fork"))
         self.hadctl(repair, {0})
-        if action == "stop":  # its mains' ends were asked for: no failover to judge until the start
-            self.stops.append((begin, time.monotonic()))
         if not wait_for(self.pool_is_whole, REPAIR_TIMEOUT):
             self.violate(f"killed controllers: after a {action} killed after {delay * 1000:.0f} ms and a {repair}, "
                          f"the pool is not whole within {REPAIR_TIMEOUT:g} s: {self.slots()}")
