@@ -203,7 +203,7 @@ def restart(cfg: ServiceConfig) -> Outcome:
             if not _hand_over(svc, report):
                 return svc.outcome("restart", 1, svc.slots()[0])
         reports = svc.slots()[0]
-        status = fill(svc, [r for r in reports if r.role is Role.STANDBY or not r.running])
+        status = fill(svc, reports)  # (all of them: the mains running now are no news)
         _end_extra_standbys(svc)
         return svc.outcome("restart", min(status, 1), svc.slots()[0])  # SPEC: restart exits 0 or 1
 
