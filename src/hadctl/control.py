@@ -377,11 +377,12 @@ def fill(svc: Service, reports: list[SlotReport], standby_extra: int = 0) -> int
 
 def _spawn(svc: Service, count: int, standby_extra: int = 0) -> list[spawn.Report]:
     """Spawn ``count`` workers and read their reports; a worker that has not reported
-    within the spawn timeout is ended with what it started (spawn.end_unreported), and
-    where it hung goes to the log."""
+    within the spawn timeout is ended with what it started (hung.py), and where it
+    hung goes to the log."""
+    from .hung import end_unreported, spawn_timeout
     from .record import replace
 
-    timeout = spawn.spawn_timeout() + (svc.cfg.ready_timeout or 0)
+    timeout = spawn_timeout() + (svc.cfg.ready_timeout or 0)
     spec = replace(svc.cfg.worker_spec(), standby_extra=standby_extra, spawn_timeout=timeout)
     env = spawn.worker_environment(spec)  # with the service's marker (contain.MARKER, owner.py)
     listen_fds: tuple[int, ...] = ()
@@ -394,7 +395,7 @@ def _spawn(svc: Service, count: int, standby_extra: int = 0) -> list[spawn.Repor
     for report in reports:
         if report.detail:
             svc.log.error(f"pid {report.pid} {report.message}; where it hangs:\n{report.detail.rstrip()}")
-    ended = spawn.end_unreported(started, reports, _finder(svc), svc.cfg.signal_timeout)
+    ended = end_unreported(started, reports, _finder(svc), svc.cfg.signal_timeout)
     if ended:
         svc.log.warn(f"ended {len(ended)} processes of workers that did not report: {' '.join(map(str, ended))}")
     return reports

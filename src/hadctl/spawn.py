@@ -17,7 +17,7 @@ written by ``format_report`` and read by ``parse_report``: ``standby 2 PID``,
 ``error PID MESSAGE``; the parent reads it against a deadline, never sleeping.
 A worker that has not reported by the spawn timeout (``spawn_timeout``) writes a
 faulthandler traceback there instead and exits; ``collect`` names the import that
-hung, and ``end_unreported`` ends whatever such workers started.
+hung (hung.py), and hung.end_unreported ends whatever such workers started.
 
 A forked child never returns into its caller: its body ends in ``os._exit()``
 and a failure goes to the report pipe, never to logging.
@@ -149,25 +149,7 @@ class Spawned:
         self.pid = pid
 
 
-DEFAULT_SPAWN_TIMEOUT = 30.0
-HUNG = "Timeout ("  # how faulthandler.dump_traceback_later's text begins
-
-
-def spawn_timeout() -> float:
-    """Seconds a spawned worker has to report (import the entrypoint, run warmup, take
-    a slot): $HADCTL_SPAWN_TIMEOUT, else 30. ConfigError (6) if it is no number > 0."""
-    text = os.environ.get("HADCTL_SPAWN_TIMEOUT")
-    if text is None:
-        return DEFAULT_SPAWN_TIMEOUT
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not 0 < value <= 86400:
-        from .errors import ConfigError
-
-        raise ConfigError(f"HADCTL_SPAWN_TIMEOUT: expected seconds from 0 to 86400, got {text!r}")
-    return value
+HUNG = "Timeout ("  # how faulthandler.dump_traceback_later's text begins (worker.py, hung.py)
 
 
 def worker_environment(spec: WorkerSpec) -> dict[str, str]:
@@ -222,56 +204,13 @@ def _report_of(item: Spawned, timeout: float, roots: tuple[str, ...]) -> Report:
     nothing (it exited without a word)."""
     text = item.buffer.decode("utf-8", "replace")
     if text.startswith(HUNG):
+        from .hung import hung_at
+
         return Report(ERROR, item.pid, None, f"no report within {timeout:g} s: {hung_at(text, roots)}", text)
     line = text.split("\n", 1)[0]
     if not line:
         return Report(ERROR, item.pid, None, "the process exited without reporting its role")
     return parse_report(line)
-
-
-def hung_at(traceback: str, roots: tuple[str, ...] = ()) -> str:
-    """Where a faulthandler traceback says a worker hangs: the innermost module being
-    imported (its dotted name below one of ``roots``, else from the packages around
-    its file), else the innermost frame."""
-    import re
-
-    frames = re.findall(r'File "([^"]+)", line (\d+) in (\S+)', traceback)  # most recent call first
-    for path, line, function in frames:
-        if function == "<module>" and not path.startswith("<"):
-            return f"the import of {_module_name(path, roots)} hung ({path}, line {line})"
-    if frames:
-        path, line, function = frames[0]
-        return f"hung in {function} ({path}, line {line})"
-    return "hung"
-
-
-def _module_name(path: str, roots: tuple[str, ...]) -> str:
-    stem = path[:-3] if path.endswith(".py") else path
-    for root in roots:
-        if stem.startswith(root.rstrip("/") + "/"):
-            dotted = stem[len(root.rstrip("/")) + 1:].replace("/", ".")
-            return dotted[:-len(".__init__")] if dotted.endswith(".__init__") else dotted
-    folder, name = os.path.split(stem)
-    parts = [] if name == "__init__" else [name]
-    while os.path.exists(os.path.join(folder, "__init__.py")):
-        folder, package = os.path.split(folder)
-        parts.insert(0, package)
-    return ".".join(parts) or path
-
-
-def end_unreported(spawned: list[Spawned], reports: list[Report], finder: contain.Finder, timeout: float) -> list[int]:
-    """End every spawned worker that did not report (``no report within``, or hung) with
-    what it started: each process of the service owned by it (contain.py: its cgroup
-    or HADCTL_WORKER marker, which its process group's members carry too), KILLed
-    through pidfds. Returns the pids that were still there to end."""
-    late = {item.pid for item, report in zip(spawned, reports, strict=True)
-            if item.pid is not None and report.kind == ERROR and report.message.startswith("no report within")}
-    if not late:
-        return []
-    members = [m for m in finder.members() if m.owner in late or m.pid in late]
-    if members:
-        contain.end(finder, members, ("KILL",), timeout)
-    return sorted({m.pid for m in members})
 
 
 # ---------------------------------------------------------------- parent
