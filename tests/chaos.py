@@ -4,7 +4,8 @@
 A seeded random sequence of operations against a service with max_procs = 2
 and standby_max_procs = 2: SIGKILL a main, SIGKILL a standby, SIGSTOP then
 SIGCONT a standby (sometimes killing a main meanwhile), ``restart``, ``fork``,
-``stop`` + ``start``, three controllers at once, junk dropped in pid_dir.
+``stop`` + ``start``, three controllers at once, junk dropped in pid_dir, a
+controller (start, stop, restart or fork) SIGKILLed after 5-200 ms.
 Every main appends ``enter``/``exit`` lines with time.monotonic() to a ledger
 (tests/services/basic.py:serve); chaos notes the time of each SIGKILL just
 before sending it. Then the checker proves:
@@ -19,6 +20,9 @@ before sending it. Then the checker proves:
    service runs, no pid file remains, no slot is held;
 4. PID safety: a bystander whose pid chaos writes into pid files never gets a
    signal, and neither does chaos itself (its pid goes there too);
+5. killed controllers: only a killed ``stop`` may leave the standby stop file,
+   and the next ``start`` (after a stop) or ``fork`` exits 0 and restores a
+   whole pool (every main and standby slot held, none above them);
 and every command exits as documented, without a traceback.
 
     python tests/chaos.py --operations 1000 [--seed S] [--folder DIR]
@@ -63,8 +67,10 @@ COMMAND_TIMEOUT = 120.0
 LOCK_SAMPLE_GRACE = 0.5  # seconds a surplus of lock holders may last (see Chaos.sample_locks)
 WEIGHTS = {
     "kill-main": 20, "kill-standby": 12, "stop-standby": 10, "restart": 10, "fork": 12,
-    "stop-start": 6, "together": 8, "junk": 10,
+    "stop-start": 6, "together": 8, "junk": 10, "kill-controller": 10,
 }
+KILL_AFTER = (0.005, 0.2)  # seconds after which a controller is SIGKILLed (kill-controller)
+REPAIR_TIMEOUT = 10.0  # seconds the pool may take to be whole after the repairing start or fork
 
 
 # ------------------------------------------------------------------ processes
@@ -110,6 +116,21 @@ def lock_holders(pids: list[int], folders: dict[str, str],
                         if details is not None:
                             details.setdefault(pid, []).append(f"fd {fd} -> {target}")
     return holders
+
+
+def is_held(lock: Path) -> bool:
+    """Someone holds a flock on ``lock`` (tried without waiting, released at once)."""
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def kill_all(pids: list[int]) -> None:
@@ -591,6 +612,44 @@ class Chaos:
         self.commands += len(results)
         for action, result in zip(actions, results):
             self.judge(f"{action} (one of {'+'.join(actions)} at once)", result, {0})
+        return True
+
+    def op_kill_controller(self) -> bool:
+        """Invariant 5: a controller SIGKILLed at a random moment leaves nothing that the
+        next start or fork cannot repair, and only a stop leaves the stop file."""
+        action = self.rng.choice(("start", "stop", "restart", "fork"))
+        delay = self.rng.uniform(*KILL_AFTER)
+        begin = time.monotonic()
+        proc = subprocess.Popen([sys.executable, "-m", "hadctl", "-c", str(self.config), action],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=self.env)
+        self.commands += 1
+        try:
+            proc.wait(timeout=delay)
+            self.note(f"hadctl {action} ended before its SIGKILL at {delay * 1000:.0f} ms")
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            self.note(f"hadctl {action} SIGKILLed after {delay * 1000:.0f} ms")
+        if action == "stop":  # the mains it ended were asked to go (a main killed by its TERM writes no exit line)
+            self.stops.append((begin, time.monotonic()))
+        stop_file = self.pid_dir / "standby-stop-file"
+        if action != "stop" and os.path.lexists(stop_file):
+            self.violate(f"killed controllers: a {action} killed after {delay * 1000:.0f} ms left {stop_file}")
+        repair = "start" if action == "stop" else self.rng.choice(("start", "fork"))
+        self.hadctl(repair, {0})
+        if not wait_for(self.pool_is_whole, REPAIR_TIMEOUT):
+            self.violate(f"killed controllers: after a {action} killed after {delay * 1000:.0f} ms and a {repair}, "
+                         f"the pool is not whole within {REPAIR_TIMEOUT:g} s: {self.slots()}")
+        return True
+
+    def pool_is_whole(self) -> bool:
+        """Every main and standby slot held, and no standby slot above them."""
+        held = self.slots()
+        if len(held[Role.MAIN]) != MAX_PROCS or len(held[Role.STANDBY]) != STANDBY_MAX_PROCS:
+            return False
+        for lock in (self.pid_dir / "lock-standby").glob("*.lock"):
+            if lock.stem.isdigit() and int(lock.stem) > STANDBY_MAX_PROCS and is_held(lock):
+                return False
         return True
 
     def op_junk(self) -> bool:

@@ -157,7 +157,7 @@ def test_a_frame_of_the_wrong_shape_is_refused():
 def test_worker_spec_fields_are_named_like_the_toml_keys():
     from hadctl.config import LOCKS_KEYS, TOP_KEYS
 
-    not_toml = {"host_id", "spawned_by_main", "alive_fd", "listen_names", "uid", "gid", "home", "environment",
+    not_toml = {"host_id", "spawned_by_main", "standby_extra", "spawn_timeout", "alive_fd", "listen_names", "uid", "gid", "home", "environment",
                 "syslog_socket", "service_id", "cgroup", "signal_timeout", "rlimits"}  # spec.py says where from
     for name in set(FIELDS) - not_toml:
         key = name[len("locks_"):] if name.startswith("locks_") else name

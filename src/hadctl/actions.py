@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import time
 
-from . import lean, probe, stopping
+from . import backoff, lean, probe, stopping
 from .config import ServiceConfig
 from .control import ControlLock, Service, clean_stale, fill, prepare, remove, suspect, touch
 from .errors import ActionFailedError, ConfigError, NotRunningError
@@ -43,11 +43,13 @@ def _start_locked(svc: Service, action: str) -> Outcome:
     reports, stale = svc.slots()
     clean_stale(svc, stale)
     if all(r.running for r in reports):
+        _end_extra_standbys(svc)  # a killed restart's
         svc.say("Already Running", "OK")
         return svc.outcome(action, 0, reports)
     if suspect(svc, reports):
         return svc.outcome(action, 1, reports)  # a second main would start beside them
     status = fill(svc, reports)
+    _end_extra_standbys(svc)
     return svc.outcome(action, status, svc.slots()[0])
 
 
@@ -67,6 +69,7 @@ def fork(cfg: ServiceConfig) -> Outcome:
         if not all(r.running for r in reports) and suspect(svc, reports):
             return svc.outcome("fork", 1, reports)  # a second main would start beside them
         status = fill(svc, reports)
+        _end_extra_standbys(svc)  # a killed restart's
         return svc.outcome("fork", status, svc.slots()[0] if svc.steps else reports)
 
 
@@ -125,6 +128,8 @@ def _stop_locked(svc: Service) -> Outcome:
         svc.say(f"{report.label} (pid {report.pid}) still holds its slot", "Failed", ok=False)
     if not running:
         remove(svc.layout.starts_file)  # a clean stop ends any crash-loop history
+        for slot in range(1, cfg.locks.max_procs + 1):
+            remove(backoff.handover_file(cfg.pid_dir, slot))
     doubtful = suspect(svc, reports, elsewhere=not stopped_any)  # (workers elsewhere: when none ran here)
     if not stopped_any and not doubtful:
         svc.say("Not Running", "OK")
@@ -162,38 +167,80 @@ def hard_restart(cfg: ServiceConfig) -> Outcome:
 def restart(cfg: ServiceConfig) -> Outcome:
     """Zero-downtime restart: fresh standbys first, then mains one at a time.
 
-    1. stop the standbys (stop file + TERM, so waiting ones leave at once);
-    2. remove the stop file and spawn new standbys, which import the new code;
+    1. spawn new standbys (the new code) into slots above the configured ones,
+       while the old standbys keep theirs: if the new code cannot start, they are
+       ended and the service is left exactly as it was (exit 1);
+    2. once every new standby is ready, end the old ones;
     3. for each main: stop it, then wait until another process holds its slot
        (and says ready, when ``ready_timeout`` is set) before the next one;
-    4. refill the standbys. On failure stop there, naming the slot; exit 1.
+    4. refill the configured standby slots, then end the new standbys left above
+       them. On failure stop there, naming the slot; exit 1.
+
+    The standby stop file is never made (only stop makes it): a restart killed at
+    any moment leaves nothing that keeps the next start or fork from filling the
+    pool; the new standbys it left above the slots are ended by the next restart.
     """
     svc = Service(cfg)
     prepare(svc)
     with ControlLock(svc):
         reports, stale = svc.slots()
+        remove(cfg.standby_stop_file)  # a restart starts: left by a stop, it must not keep standbys away
         if not any(r.running for r in reports if r.role is Role.MAIN):
-            remove(cfg.standby_stop_file)
             return _start_locked(svc, "restart")
         clean_stale(svc, stale)
         if cfg.listen:  # a new address that cannot be bound refuses the restart before anything stops
             from . import sockets
 
             sockets.for_workers(svc)
-        if stopping.clear_standbys(svc, reports):
-            return svc.outcome("restart", 1, svc.slots()[0])
         if cfg.locks.standby_max_procs == 0:
             return _restart_without_standbys(svc, reports)
-        reports = svc.slots()[0]
-        if fill(svc, [r for r in reports if r.role is Role.STANDBY]) != 0:
-            svc.say("restart stopped: new standbys did not start; the old mains still run", "Failed", ok=False)
+        if not _refresh_standbys(svc, "restart"):
             return svc.outcome("restart", 1, svc.slots()[0])
         for report in [r for r in reports if r.role is Role.MAIN and r.running]:
             if not _hand_over(svc, report):
                 return svc.outcome("restart", 1, svc.slots()[0])
         reports = svc.slots()[0]
-        status = fill(svc, [r for r in reports if r.role is Role.STANDBY or not r.running])
+        status = fill(svc, reports)  # (all of them: the mains running now are no news)
+        _end_extra_standbys(svc)
         return svc.outcome("restart", min(status, 1), svc.slots()[0])  # SPEC: restart exits 0 or 1
+
+
+def _refresh_standbys(svc: Service, action: str) -> bool:
+    """Replace the standbys with new ones (the new code) without ever leaving the
+    slots empty: the new ones take slots above ``standby_max_procs`` and report
+    ready (imported, warmed up) while the old ones wait on; only then are the old
+    ones ended. When the new ones cannot start, those that did are ended and the
+    old ones keep their slots: False, said. (A new process may take a free main
+    slot instead: a main was missing, and it stays.)"""
+    count = svc.cfg.locks.standby_max_procs
+    _end_extra_standbys(svc, force=True)  # left by a restart killed before it ended them
+    old = [r for r in svc.slots()[0] if r.role is Role.STANDBY and r.running]
+    if fill(svc, [SlotReport(Role.STANDBY, count + n, None) for n in range(count, 0, -1)], standby_extra=count):
+        new = [r for r in svc.slots()[0] + svc.extra_slots()
+               if r.role is Role.STANDBY and r.running and r.pid not in {o.pid for o in old}]
+        stopping.stop_standbys(svc, new, quiet_lines=True)
+        svc.say(f"{action} stopped: the new standbys did not start; the old mains and standbys still run",
+                "Failed", ok=False)
+        return False
+    stopping.stop_standbys(svc, old, quiet_lines=True)
+    return True
+
+
+def _end_extra_standbys(svc: Service, force: bool = False) -> None:
+    """End the standbys held above ``standby_max_procs`` (a restart's new ones that no
+    main slot needed, or that a killed restart left behind) once every configured
+    standby slot is held, filling them first if need be (or at once, with ``force``):
+    they are spare, never the last standby."""
+    extra = [r for r in svc.extra_slots() if r.role is Role.STANDBY]
+    if not extra:
+        return
+    if not force:
+        standbys = [r for r in svc.slots()[0] if r.role is Role.STANDBY]
+        if not all(r.running for r in standbys) and fill(svc, standbys) != 0:
+            return
+        if not all(r.running for r in svc.slots()[0] if r.role is Role.STANDBY):
+            return
+    stopping.stop_standbys(svc, extra, quiet_lines=True)
 
 
 def _hand_over(svc: Service, report: SlotReport) -> bool:
@@ -318,13 +365,14 @@ def upgrade(cfg: ServiceConfig) -> Outcome:
         mains = [r for r in reports if r.role is Role.MAIN and r.running]
         if not mains:
             raise ActionFailedError(f"{cfg.name}: no main is running, nothing to upgrade")
-        if stopping.clear_standbys(svc, reports) or \
-                fill(svc, [r for r in svc.slots()[0] if r.role is Role.STANDBY]) != 0:
+        if cfg.locks.standby_max_procs and not _refresh_standbys(svc, "upgrade"):
             return svc.outcome("upgrade", 1, svc.slots()[0])
         status = 0
         for report in mains:
             if not _upgrade_one(svc, report, cfg.main_upgrade_file):
                 status = 1
+        fill(svc, [r for r in svc.slots()[0] if r.role is Role.STANDBY])
+        _end_extra_standbys(svc)
         return svc.outcome("upgrade", status, svc.slots()[0])
 
 

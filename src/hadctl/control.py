@@ -31,9 +31,9 @@ from .preflight import check_open_files, not_a_file, read_only
 if lean.TYPE_CHECKING:
     from socket import socket
 
+    from . import contain
     from .locks.engine import Engine
 
-SPAWN_TIMEOUT = 30.0
 CONTROL_TIMEOUT = 60.0
 
 
@@ -348,9 +348,11 @@ def suspect(svc: Service, reports: list[SlotReport], log: bool = True, elsewhere
 # ------------------------------------------------------------ filling free slots
 
 
-def fill(svc: Service, reports: list[SlotReport]) -> int:
+def fill(svc: Service, reports: list[SlotReport], standby_extra: int = 0) -> int:
     """Spawn one process per free slot of ``reports``; returns the LSB status of the
-    attempt (0; 1 failed; 5 the entrypoint cannot be imported), saying each result."""
+    attempt (0; 1 failed; 5 the entrypoint cannot be imported), saying each result.
+    ``standby_extra``: they try that many standby slots above the configured ones first
+    (restart's new standbys, spec.py)."""
     free = [r for r in reports if not r.running]
     if not free:
         return 0
@@ -359,7 +361,7 @@ def fill(svc: Service, reports: list[SlotReport]) -> int:
     failures: set[str] = set()
     started: set[tuple[str, int | None]] = set()
     others = False
-    for report in _spawn(svc, len(free)):
+    for report in _spawn(svc, len(free), standby_extra):
         if report.kind in ("main", "standby"):
             svc.say(f"{report.kind} #{report.slot} started (pid {report.pid})", "Started")
             started.add((report.kind, report.slot))
@@ -392,8 +394,15 @@ def fill(svc: Service, reports: list[SlotReport]) -> int:
     return status
 
 
-def _spawn(svc: Service, count: int) -> list[spawn.Report]:
-    spec = svc.cfg.worker_spec()
+def _spawn(svc: Service, count: int, standby_extra: int = 0) -> list[spawn.Report]:
+    """Spawn ``count`` workers and read their reports; a worker that has not reported
+    within the spawn timeout is ended with what it started (hung.py), and where it
+    hung goes to the log."""
+    from .hung import end_unreported, spawn_timeout
+    from .record import replace
+
+    timeout = spawn_timeout() + (svc.cfg.ready_timeout or 0)
+    spec = replace(svc.cfg.worker_spec(), standby_extra=standby_extra, spawn_timeout=timeout)
     env = spawn.worker_environment(spec)  # with the service's marker (contain.MARKER, owner.py)
     listen_fds: tuple[int, ...] = ()
     if svc.cfg.listen:  # every socket in hand before the first fork
@@ -401,8 +410,20 @@ def _spawn(svc: Service, count: int) -> list[spawn.Report]:
 
         listen_fds = sockets.for_workers(svc)
     started = [spawn.spawn(spec, env, listen_fds) for _ in range(count)]
-    timeout = SPAWN_TIMEOUT + (svc.cfg.ready_timeout or 0)
-    return spawn.collect(started, timeout)
+    reports = spawn.collect(started, timeout, tuple(svc.cfg.python_path))
+    for report in reports:
+        if report.detail:
+            svc.log.error(f"pid {report.pid} {report.message}; where it hangs:\n{report.detail.rstrip()}")
+    ended = end_unreported(started, reports, _finder(svc), svc.cfg.signal_timeout)
+    if ended:
+        svc.log.warn(f"ended {len(ended)} processes of workers that did not report: {' '.join(map(str, ended))}")
+    return reports
+
+
+def _finder(svc: Service) -> contain.Finder:
+    from .contain import finder_for
+
+    return finder_for(svc.cfg)
 
 
 def _cut_back_off(svc: Service) -> None:

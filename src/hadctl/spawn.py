@@ -2,7 +2,8 @@
 
 The recipe, in the order it runs (APUE §13.3, "Coding Rules" for daemons):
 
-  parent:      _fork_and_read_report   fork; feed the spec; reap the child
+  parent:      _fork_and_read_report   fork; feed the spec; reap the child (which
+                                       tells the worker's pid on a pipe)
   child:       _become_session_leader, _fork_again_and_leave
   grandchild:  _stdio_to_log, _join_cgroup, _set_rlimits, _drop_privileges,
                _set_umask, _set_nice, _chdir, _reset_signals, _listen_fds_at_3,
@@ -14,6 +15,9 @@ framed by spec.py. The worker tells how it ended up on the report pipe, one line
 written by ``format_report`` and read by ``parse_report``: ``standby 2 PID``,
 ``main 1 PID``, ``noslot PID``, ``stopfile PID``, ``import-error PID MESSAGE`` or
 ``error PID MESSAGE``; the parent reads it against a deadline, never sleeping.
+A worker that has not reported by the spawn timeout (``spawn_timeout``) writes a
+faulthandler traceback there instead and exits; ``collect`` names the import that
+hung (hung.py), and hung.end_unreported ends whatever such workers started.
 
 A forked child never returns into its caller: its body ends in ``os._exit()``
 and a failure goes to the report pipe, never to logging.
@@ -78,13 +82,15 @@ _WITH_SLOT = (MAIN, STANDBY)
 class Report:
     """What one spawned process said about itself."""
 
-    __slots__ = ("kind", "pid", "slot", "message")
+    __slots__ = ("kind", "pid", "slot", "message", "detail")
 
-    def __init__(self, kind: str, pid: int | None, slot: int | None = None, message: str = "") -> None:
+    def __init__(self, kind: str, pid: int | None, slot: int | None = None, message: str = "",
+                 detail: str = "") -> None:
         self.kind = kind
         self.pid = pid
         self.slot = slot
         self.message = message
+        self.detail = detail  # more for the log: the traceback of a worker that hung starting
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Report) and (self.kind, self.pid, self.slot, self.message) == \
@@ -122,22 +128,28 @@ def parse_report(line: str) -> Report:
     return Report(ERROR, None, None, f"unreadable report {line!r}")
 
 
-def write_report(fd: int, kind: str, pid: int, slot: int | None = None, message: str = "") -> None:
-    """Write one report line to ``fd``; a reader that went away is not an error."""
+def write_report(fd: int, kind: str, pid: int, slot: int | None = None, message: str = "") -> bool:
+    """Write one report line to ``fd``; False when the reader went away (no error)."""
     try:
         os.write(fd, (format_report(kind, pid, slot, message) + "\n").encode("utf-8", "replace"))
     except OSError:
-        pass
+        return False
+    return True
 
 
 class Spawned:
-    """A process on its way; ``report_fd`` gives its one-line report."""
+    """A process on its way; ``report_fd`` gives its one-line report, ``pid`` is the
+    worker's (None if the fork failed before it was made)."""
 
-    __slots__ = ("report_fd", "buffer")
+    __slots__ = ("report_fd", "buffer", "pid")
 
-    def __init__(self, report_fd: int) -> None:
+    def __init__(self, report_fd: int, pid: int | None = None) -> None:
         self.report_fd = report_fd
         self.buffer = b""
+        self.pid = pid
+
+
+HUNG = "Timeout ("  # how faulthandler.dump_traceback_later's text begins (worker.py, hung.py)
 
 
 def worker_environment(spec: WorkerSpec) -> dict[str, str]:
@@ -156,9 +168,13 @@ def spawn(spec: WorkerSpec, env: dict[str, str], listen_fds: tuple[int, ...] = (
     return _fork_and_read_report(spec, env, listen_fds)
 
 
-def collect(spawned: list[Spawned], timeout: float) -> list[Report]:
-    """Read each spawned process's report, waiting at most ``timeout`` seconds in all."""
-    deadline = time.monotonic() + timeout
+def collect(spawned: list[Spawned], timeout: float, roots: tuple[str, ...] = ()) -> list[Report]:
+    """Read each spawned process's report, waiting at most ``timeout`` seconds in all,
+    and a grace second more for a worker that hung starting: at ``timeout`` it writes
+    where it hangs (faulthandler) on its report pipe and exits (worker.py), and that
+    text becomes its report's ``detail``, its message naming the import that hung
+    (a dotted name, relative to the first of ``roots``, python_path, that holds it)."""
+    deadline = time.monotonic() + timeout + max(1.0, timeout / 10)
     reports: dict[int, Report] = {}
     waiting = {s.report_fd: s for s in spawned}
     while waiting:
@@ -168,18 +184,33 @@ def collect(spawned: list[Spawned], timeout: float) -> list[Report]:
         readable, _, _ = select.select(list(waiting), [], [], left)
         for fd in readable:
             item = waiting[fd]
-            chunk = os.read(fd, 4096)
+            chunk = os.read(fd, 65536)
             item.buffer += chunk
+            if item.buffer.startswith(HUNG.encode()) and chunk:
+                continue  # the traceback of a hung worker: read it to its end
             if b"\n" in item.buffer or not chunk:
-                line = item.buffer.split(b"\n", 1)[0].decode("utf-8", "replace")
-                reports[fd] = (parse_report(line) if line else
-                               Report(ERROR, None, None, "the process exited without reporting its role"))
+                reports[fd] = _report_of(item, timeout, roots)
                 del waiting[fd]
-    for fd in waiting:
-        reports[fd] = Report(ERROR, None, None, f"no report within {timeout:g} s")
+    for fd, item in waiting.items():
+        reports[fd] = _report_of(item, timeout, roots) if item.buffer.startswith(HUNG.encode()) else \
+            Report(ERROR, item.pid, None, f"no report within {timeout:g} s")
     for item in spawned:
         os.close(item.report_fd)
     return [reports[item.report_fd] for item in spawned]
+
+
+def _report_of(item: Spawned, timeout: float, roots: tuple[str, ...]) -> Report:
+    """The report in ``item``'s buffer: its line, the traceback of a worker that hung, or
+    nothing (it exited without a word)."""
+    text = item.buffer.decode("utf-8", "replace")
+    if text.startswith(HUNG):
+        from .hung import hung_at
+
+        return Report(ERROR, item.pid, None, f"no report within {timeout:g} s: {hung_at(text, roots)}", text)
+    line = text.split("\n", 1)[0]
+    if not line:
+        return Report(ERROR, item.pid, None, "the process exited without reporting its role")
+    return parse_report(line)
 
 
 # ---------------------------------------------------------------- parent
@@ -194,17 +225,18 @@ def _fork_and_read_report(spec: WorkerSpec, env: dict[str, str], listen_fds: tup
     """
     report_read, report_write = os.pipe()
     spec_read, spec_write = os.pipe()
+    pid_read, pid_write = os.pipe()  # the child writes the worker's pid there (for end_unreported)
     payload = frame(spec)
     try:
         pid = os.fork()
     except OSError as exc:
-        for fd in (report_read, report_write, spec_read, spec_write):
+        for fd in (report_read, report_write, spec_read, spec_write, pid_read, pid_write):
             os.close(fd)
         raise ActionFailedError(f"cannot fork: {exc.strerror}") from exc
     if pid == 0:
-        _run_child(spec, env, report_write, spec_read, (report_read, spec_write), listen_fds)
-    os.close(report_write)
-    os.close(spec_read)
+        _run_child(spec, env, report_write, spec_read, (report_read, spec_write, pid_read), listen_fds, pid_write)
+    for fd in (report_write, spec_read, pid_write):
+        os.close(fd)
     try:
         while payload:
             payload = payload[os.write(spec_write, payload):]
@@ -213,20 +245,24 @@ def _fork_and_read_report(spec: WorkerSpec, env: dict[str, str], listen_fds: tup
     finally:
         os.close(spec_write)
     os.waitpid(pid, 0)
-    return Spawned(report_read)
+    try:
+        text = os.read(pid_read, 32).strip()  # written before the child exited (or nothing: EOF)
+    finally:
+        os.close(pid_read)
+    return Spawned(report_read, int(text) if text.isdigit() else None)
 
 
 # ---------------------------------------------------------------- child
 
 
 def _run_child(spec: WorkerSpec, env: dict[str, str], report_fd: int, spec_fd: int,
-               parent_fds: tuple[int, int], listen_fds: tuple[int, ...] = ()) -> None:
+               parent_fds: tuple[int, ...], listen_fds: tuple[int, ...] = (), pid_fd: int = -1) -> None:
     """Body of the forked child: never returns, always ends in os._exit()."""
     try:
         for fd in parent_fds:
             os.close(fd)
         _become_session_leader()
-        _fork_again_and_leave()
+        _fork_again_and_leave(pid_fd)
         _run_grandchild(spec, env, report_fd, spec_fd, listen_fds)
     except BaseException as exc:  # noqa: BLE001 - a forked child reports everything
         write_report(report_fd, ERROR, os.getpid(), message=_describe(exc))
@@ -243,15 +279,21 @@ def _become_session_leader() -> None:
     os.setsid()
 
 
-def _fork_again_and_leave() -> None:
-    """Fork once more and let the session leader exit.
+def _fork_again_and_leave(pid_fd: int = -1) -> None:
+    """Fork once more and let the session leader exit, telling the parent the
+    grandchild's pid on ``pid_fd`` (so it can end a worker that never reports).
 
     The grandchild is not a session leader, so it can never acquire a
     controlling terminal by opening one; it is reparented to init.
     APUE §13.3 (the second fork, System V advice).
     """
-    if os.fork() != 0:
+    pid = os.fork()
+    if pid != 0:
+        if pid_fd >= 0:
+            os.write(pid_fd, f"{pid}\n".encode())
         os._exit(0)
+    if pid_fd >= 0:
+        os.close(pid_fd)
 
 
 # ---------------------------------------------------------------- grandchild

@@ -67,6 +67,8 @@ class WorkerSpec:
     # not TOML keys:
     host_id: str = ""  # lean.host_id() of the controller's host, computed once there
     spawned_by_main: bool = False  # a main's replacement standby: the crash-loop back-off applies
+    standby_extra: int = 0  # restart's new standbys try this many slots above standby_max_procs first
+    spawn_timeout: float = 0.0  # spawn.spawn_timeout(): a worker still starting then dumps where it hangs, exits
     alive_fd: int = -1  # the spawning main's hold on the alive lock, passed on (spawn_from_worker)
     listen_names: tuple[str, ...] = ()  # the names of ``listen``: the sockets at fds 3, 4, ... (sockets.py)
     # containment, watchdog, recycling and limits (contain.py, watchdog.py):

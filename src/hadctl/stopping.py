@@ -17,7 +17,7 @@ Leftovers (processes of the service that are no worker: a dead main's pool, a
 setsid daemon) are found by contain.py, by cgroup or marker, and ended last
 (``end_leftovers``).
 
-Imports contain, control, errors, lean, locks.flock, model, probe and safepath; never click or rich.
+Imports backoff, contain, control, errors, lean, locks.flock, model, probe and safepath; never click or rich.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import errno
 import os
 import time
 
-from . import lean, probe
+from . import backoff, lean, probe
 from .control import Service, refusal, remove, touch
 from .errors import ActionFailedError, NotPermittedError
 from .locks import flock
@@ -78,6 +78,9 @@ def end(svc: Service, found: Targets, role: Role) -> list[SlotReport]:
             except OSError as exc:
                 svc.log.warn(f"cannot touch main stop file {path}: {exc.strerror}")
         alive = _still_alive(alive, time.monotonic() + cfg.stop_file_timeout, group)
+    if role is Role.MAIN:  # ended on purpose: their successors count no death (backoff.py)
+        for report, target in found:
+            backoff.note_handover(cfg.pid_dir, report.slot, target.pid)
     ladder = cfg.stop_signals if role is Role.MAIN else ("TERM", "KILL")
     for number, name in enumerate(ladder):
         if not alive:

@@ -22,7 +22,7 @@ waiting for the slot, so it watches, with no resident supervisor and no cron:
   Both are logged, and ``hadctl-replaced-SLOT`` tells status why.
 
 Without a standby, ``fork`` (cron) checks the beats (``check_from_controller``).
-Imports contain, lean, locks.flock and probe; the worker imports it only when a
+Imports backoff, contain, lean, locks.flock and probe; the worker imports it only when a
 watchdog or max_rss is configured.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 import time
 
-from . import contain, lean, probe
+from . import backoff, contain, lean, probe
 from .locks import flock
 
 if lean.TYPE_CHECKING:
@@ -110,6 +110,7 @@ def read_replaced(pid_dir: str, slot: int) -> dict[str, object] | None:
 
 
 def _note_replaced(pid_dir: str, slot: int, pid: int, why: str) -> None:
+    backoff.note_handover(pid_dir, slot, pid)  # a replacement asked for: no death for the crash-loop limit
     path = replaced_file(pid_dir, slot)
     temporary = f"{path}.{os.getpid()}.tmp"
     try:

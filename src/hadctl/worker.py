@@ -44,6 +44,7 @@ through ``block``.
 from __future__ import annotations
 
 import _thread
+import faulthandler
 import fcntl
 import os
 import sys
@@ -132,13 +133,15 @@ class Worker(Waits):
 
     # ------------------------------------------------------------ reporting
 
-    def report(self, kind: str, slot: int | None = None, message: str = "") -> None:
-        """Tell the controller (once) how we ended up; then close the pipe."""
+    def report(self, kind: str, slot: int | None = None, message: str = "") -> bool:
+        """Tell the controller (once) how we ended up; then close the pipe. False when
+        the controller that spawned us is gone (killed) and nobody reads it."""
         if self.report_fd < 0:
-            return
-        protocol.write_report(self.report_fd, kind, self.pid, slot, message)
+            return True
+        delivered = protocol.write_report(self.report_fd, kind, self.pid, slot, message)
         os.close(self.report_fd)
         self.report_fd = -1
+        return delivered
 
     def leave(self, kind: str = "", message: str = "", code: int = 0) -> int:
         """Enter ``leaving``, report ``kind`` (if any); returns the exit status."""
@@ -186,6 +189,7 @@ class Worker(Waits):
 
     def _run_with_pid_file(self) -> int:
         spec = self.spec
+        self._limit_the_start()
         function = self._import(spec.entrypoint, "entrypoint")
         if function is None:
             return self.leave(code=EX_NOTINSTALLED)
@@ -202,6 +206,8 @@ class Worker(Waits):
                 traceback.print_exc()
                 return self.leave(protocol.ERROR, f"warmup {spec.warmup} failed: {type(exc).__name__}: {exc}", 1)
         hadctl._state["warmup"] = warm
+        if spec.spawn_timeout:
+            faulthandler.cancel_dump_traceback_later()
         if self._stop_file_exists():  # a stop began while we were importing
             return self.leave(protocol.STOPFILE)
         if spec.spawned_by_main and not self._back_off():
@@ -215,7 +221,10 @@ class Worker(Waits):
                 self.engine.release_main(*taken)
                 return self.leave(protocol.STOPFILE)
             return self._run_main(taken[0], taken[1], function)
-        standbys = [(s, self.layout.lock_file("standby", s)) for s in range(spec.locks_standby_max_procs, 0, -1)]
+        # (a restart's new standby takes a slot above the configured ones first: the old
+        # standbys keep theirs until every new one is ready, actions.restart)
+        top = spec.locks_standby_max_procs + spec.standby_extra
+        standbys = [(s, self.layout.lock_file("standby", s)) for s in range(top, 0, -1)]
         standby = flock.take_first_free(standbys, self.pid)
         if standby is None:
             return self.leave(protocol.NOSLOT)
@@ -225,7 +234,9 @@ class Worker(Waits):
             flock.release(standby_fd)
             return self.leave(protocol.STOPFILE)
         self.enter(STANDBY)
-        self.report(protocol.STANDBY, standby_slot)
+        if not self.report(protocol.STANDBY, standby_slot) and standby_slot > spec.locks_standby_max_procs:
+            flock.release(standby_fd)  # a spare slot of a restart that was killed: nobody would end us
+            return self.leave()
         self.log.trace(f"standby #{standby_slot} waiting for a main slot ({spec.locks_engine})")
         self._start_watching(mains)
         try:
@@ -239,6 +250,15 @@ class Worker(Waits):
             flock.release(standby_fd)
             return self.leave()
         return self._run_main(promoted[0], promoted[1], function, standby_fd)
+
+    def _limit_the_start(self) -> None:
+        """A worker whose import or warmup hangs must not stay: at the spawn timeout a
+        faulthandler thread writes where it hangs on the report pipe (the controller
+        logs it and names the import; a main's replacement standby has none: the log)
+        and exits; the controller then ends what it started (spawn.end_unreported)."""
+        if self.spec.spawn_timeout:
+            out = self.report_fd if self.report_fd >= 0 else 2
+            faulthandler.dump_traceback_later(self.spec.spawn_timeout, exit=True, file=out)
 
     def _contain(self) -> None:
         """What this worker starts carries its pid (contain.OWNER); a replacement standby,
@@ -299,8 +319,8 @@ class Worker(Waits):
         if wait <= 0:
             return True
         self.enter(BACKOFF)
-        self.log.warn(f"crash loop: {run} promotions within {spec.start_limit_interval:g} s of each other; "
-                      f"this standby waits {wait:g} s before taking a slot")
+        self.log.warn(f"crash loop: {run} unexpected deaths of mains within {spec.start_limit_interval:g} s "
+                      f"of each other; this standby waits {wait:g} s before taking a slot")
         until = time.monotonic() + wait
         paths.write_pid_file(self.layout.backoff_file, self.pid, extra=f"{wait:.3f}")
         try:
@@ -425,7 +445,7 @@ class Worker(Waits):
 
         try:
             lock_fd = hadctl._state.get("lock_fd")
-            child = spawn_from_worker(replace(self.spec, spawned_by_main=True),
+            child = spawn_from_worker(replace(self.spec, spawned_by_main=True, standby_extra=0),
                                       close=(lock_fd,) if isinstance(lock_fd, int) else (), alive_fd=self.alive_fd)
             self.log.trace(f"spawned replacement standby {child}")
         except OSError as exc:
@@ -438,7 +458,8 @@ class Worker(Waits):
         (in that order: the replacement may take it at once)."""
         try:
             self.log.info(f"main #{slot} running {self.spec.entrypoint} (pid {self.pid}, promoted)")
-            backoff.record_start(self.layout.starts_file)
+            if backoff.take_handover(self.spec.pid_dir, slot) is None:  # its main was killed, unasked
+                backoff.record_death(self.layout.starts_file)
             if self.spec.respawn_standby and not self._stop_file_exists():
                 self._respawn_standby()
             self._rename_pid_file(self.layout.pid_file("main", slot))
@@ -542,15 +563,17 @@ class Worker(Waits):
         return settled
 
     def _announce_main(self, slot: int) -> _thread.LockType | None:
-        """Not promoted: refill the standbys when replacing a main (a crash loop, or
-        we were spawned by a promoted main), rename the pid file, report ``main``;
+        """Not promoted: refill the standbys when replacing a main (one that died unasked,
+        or we were spawned by a promoted main), rename the pid file, report ``main``;
         with kill_mode group, sweep a dead main's leftovers in a thread."""
         spec = self.spec
-        # A main died moments ago (a crash loop) if the record says so; a replacement
-        # spawned by a promoted main always refills the pool.
-        earlier = backoff.record_start(self.layout.starts_file)
-        replacing = spec.spawned_by_main or \
-            (bool(earlier) and time.monotonic() - earlier[-1] < spec.start_limit_interval)
+        # A free slot. Its main died if it said so (a note DIED, counted by itself), or,
+        # for a main's replacement standby, if it left no note at all (killed). Then this
+        # process, meant as a standby, refills the pool itself.
+        why = backoff.take_handover(spec.pid_dir, slot)
+        if spec.spawned_by_main and why is None:
+            backoff.record_death(self.layout.starts_file)
+        replacing = spec.spawned_by_main or why == backoff.DIED
         self.log.info(f"main #{slot} running {spec.entrypoint} (pid {self.pid})")
         if replacing and spec.respawn_standby and not self._stop_file_exists():
             self._respawn_standby()
@@ -576,7 +599,9 @@ class Worker(Waits):
         paths.remove_if_ours(self.layout.ready_file(slot), self.pid)
         paths.remove_if_ours(self.pid_file, self.pid)
         self.enter(DONE)
+        backoff.main_ended(self.spec.pid_dir, slot, self.pid, self.layout.starts_file)  # before the slot is free
         self.engine.release_main(slot, fd)
+
 
 def _is_file(fd: int, path: str) -> bool:
     """True when ``fd`` is open on the file at ``path``."""
