@@ -221,6 +221,11 @@ class Worker(Waits):
                 self.engine.release_main(*taken)
                 return self.leave(protocol.STOPFILE)
             return self._run_main(taken[0], taken[1], function)
+        return self._run_as_standby(mains, function)
+
+    def _run_as_standby(self, mains: list[int], function: Callable[..., Any]) -> int:
+        """Every main slot taken: take a standby slot and wait for a main slot."""
+        spec = self.spec
         # (a restart's new standby takes a slot above the configured ones first: the old
         # standbys keep theirs until every new one is ready, actions.restart)
         top = spec.locks_standby_max_procs + spec.standby_extra
