@@ -135,6 +135,12 @@ ACTIONS: tuple[Action, ...] = (
                "YYYY-MM-DD HH:MM.", flag=False, metavar="TIME"),
     ), help="Print the service's history: starts, stops, failovers (gap), restarts, back-off steps, "
             "watchdog replacements, spawn failures, mains that returned."),
+    Action("top", "top.top", fast=False, options=(
+        ALL, CONFIG_DIR, Option(("--once",), "once", "Print one frame and exit (also when not on a terminal)."),
+    ), every="top.top_all", help=(
+        "A live table of the service's (or, with --all, every service's) slots, refreshed every "
+        "second until Ctrl-C: role, pid, uptime, CPU, RSS with descendants, listen sockets, last "
+        "event, back-off. Reads /proc and pid_dir only: no signal, no wake-up of a standby.")),
 )
 
 # Options perform reads itself; any other option of a row is passed to its function by name.
