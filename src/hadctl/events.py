@@ -233,34 +233,41 @@ def failover_summary(pid_dir: str, now: float | None = None) -> dict[str, Any]:
     restarted (``restart``) in the kept history, and the last failover's ``time``,
     ``slot``, ``old_pid``, ``new_pid``, ``gap_ms`` (None if none)."""
     now = time.time() if now is None else now
-    needle = b'"kind":"' + FAILOVER.encode() + b'"'
+    data = read_bytes(pid_dir)
+    needle = b'"kind":"' + FAILOVER.encode() + b'"'  # (a quote inside a JSON text is escaped: never this)
     last: dict[str, Any] | None = None
-    hour = total = restarts = 0
-    for raw in read_bytes(pid_dir).splitlines():
-        if needle not in raw:
-            restarts += b'"kind":"restart"' in raw
-            continue
-        at = _number(raw, b"time")
-        if at is None:
-            continue
-        total += 1
-        hour += now - 3600 <= at <= now + 60
-        last = {"time": at, **{key: _number(raw, key.encode()) for key in ("slot", "old_pid", "new_pid", "gap_ms")}}
-    return {"last_hour": hour, "total": total, "last": last, "restarts": restarts}
+    hour, end = 0, len(data)
+    while True:  # newest first, until the first line older than an hour (lines come in time order)
+        found = data.rfind(needle, 0, end)
+        if found < 0:
+            break
+        end = data.rfind(b"\n", 0, found) + 1
+        stop = data.find(b"\n", found)
+        line = data[end:stop if stop >= 0 else len(data)]
+        at = _number(line, b"time")
+        if last is None and at is not None:
+            last = {"time": at, **{key: _number(line, key.encode()) for key in ("slot", "old_pid", "new_pid",
+                                                                                  "gap_ms")}}
+        if at is None or at < now - 3600:
+            break
+        hour += at <= now + 60
+    return {"last_hour": hour, "total": data.count(needle), "last": last,
+            "restarts": data.count(b'"kind":"restart"')}
 
 
 def _number(line: bytes, key: bytes) -> float | None:
     """The number after ``"key":`` in a flat JSON line of ours; None if absent or not a number."""
-    start = line.find(b'"' + key + b'":')
+    start = 8 if key == b"time" and line.startswith(b'{"time":') else line.find(b'"' + key + b'":')  # ours: first
     if start < 0:
         return None
-    start += len(key) + 3
-    end = start
-    while end < len(line) and line[end:end + 1] in b"0123456789.-+eE":
-        end += 1
+    if start != 8 or key != b"time":
+        start += len(key) + 3
+    end = line.find(b",", start)
+    if end < 0:
+        end = line.find(b"}", start)
     try:
         value = float(line[start:end])
-    except ValueError:
+    except ValueError:  # null, a text
         return None
     return int(value) if value.is_integer() and key != b"gap_ms" and key != b"time" else value
 
