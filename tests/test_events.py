@@ -104,8 +104,7 @@ def test_concurrent_writers_never_interleave_and_rotation_loses_nothing(tmp_path
             "for n in range(count):\n"
             "    events.record(pid_dir, 'test', n=n, pad='x' * 250)\n")
     writers = [_record_in_subprocess(pid_dir, code, 150) for _ in range(8)]
-    for writer in writers:
-        assert writer.wait(60) == 0
+    assert [writer.wait(60) for writer in writers] == [0] * len(writers)
     lines = (pid_dir / "events.1").read_bytes().splitlines() + (pid_dir / "events").read_bytes().splitlines()
     parsed = [json.loads(line) for line in lines]
     assert sorted((e["pid"], e["n"]) for e in parsed) == sorted((w.pid, n) for w in writers for n in range(150))
