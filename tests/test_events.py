@@ -234,3 +234,14 @@ def services(tmp_path: Path):
     yield make
     for svc in made:
         svc.stop()
+
+
+def test_events_shows_no_escape_sequence_planted_in_the_file(service):
+    """The history belongs to the service's user; root may read it at a terminal."""
+    svc = service()
+    svc.run("start", check=True)
+    with open(svc.pid_dir / "events", "a") as handle:
+        handle.write(json.dumps({"time": time.time(), "kind": "spawn_failure", "pid": 1, "reason": "x",
+                                 "message": "\x1b]0;owned\x07\x1b[2J"}) + "\n")
+    text = svc.run("events", check=True).stdout
+    assert "\x1b" not in text and "\x07" not in text and "?]0;owned??[2J" in text

@@ -333,7 +333,14 @@ def _pid(value: object) -> str:
 
 
 def what(event: dict[str, Any]) -> str:
-    """One event in words, without its time (also top's "last event" column)."""
+    """One event in words, without its time (also top's "last event" column). The file
+    is the service user's and the reader may be root at a terminal: control characters
+    (escape sequences) are shown as "?"."""
+    text = _words(event)
+    return text if text.isprintable() else "".join(c if c.isprintable() else "?" for c in text)
+
+
+def _words(event: dict[str, Any]) -> str:
     kind, slot = event.get("kind"), event.get("slot")
     gap = event.get("gap_ms")
     tick = event.get("clock_ms")
