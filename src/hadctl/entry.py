@@ -128,7 +128,7 @@ ACTIONS: tuple[Action, ...] = (
         "Validate without starting anything: the config (every error), users and groups, folders, "
         "the entrypoint and warmup imported as the service user, listen addresses, limits. "
         "One line per problem and exit 6, else 0 with a summary.")),
-    Action("events", "events.show", fast=False, options=(
+    Action("events", "render.show_events", fast=False, options=(
         Option(("-n",), "lines", "How many events to print (default 20).", flag=False, metavar="N"),
         Option(("--json",), "json_output", "One JSON object per line."),
         Option(("--since",), "since", "Only events at TIME or later: 10m, 2h, 1d, @EPOCH, HH:MM, "

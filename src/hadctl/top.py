@@ -237,7 +237,8 @@ def _backoff(svc: Any) -> str:
 
 
 def _ago(event: dict[str, Any]) -> str:
-    from .events import age, what
+    from .events import age
+    from .render import what
 
     return f"{age(time.time() - float(event['time']))} ago: {what(event)}"
 
