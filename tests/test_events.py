@@ -245,3 +245,20 @@ def test_events_shows_no_escape_sequence_planted_in_the_file(service):
                                  "message": "\x1b]0;owned\x07\x1b[2J"}) + "\n")
     text = svc.run("events", check=True).stdout
     assert "\x1b" not in text and "\x07" not in text and "?]0;owned??[2J" in text
+
+
+def test_a_watchdog_replacement_is_recorded_then_the_failover(service):
+    """The standby that watches a hung main writes "replaced", then, promoted, "failover"."""
+    svc = service(entrypoint="tests.services.contained:hangs", watchdog_timeout=0.5, kill_timeout=1,
+                  env={"HANG": "stop", "HEALTHY": "0.3"}, locks={"standby_max_procs": 1})
+    svc.run("start", check=True)
+    hung, standby = svc.pid_of("main"), svc.pid_of("standby")
+    wait_until(lambda: "failover" in _kinds(svc), 15, "the failover after the replacement")
+    found = _events(svc)
+    kinds = [e["kind"] for e in found]
+    assert kinds == ["start", "replaced", "failover"], kinds
+    replaced, failover = found[1], found[2]
+    assert (replaced["slot"], replaced["main_pid"], replaced["why"], replaced["pid"]) == (1, hung, "hung", standby)
+    assert replaced["figure"] > 0.5
+    assert (failover["old_pid"], failover["new_pid"]) == (hung, standby)
+    svc.run("stop", check=True)
