@@ -54,7 +54,8 @@ def test_a_scripted_life_shows_exactly_its_events(service):
     assert (failover["slot"], failover["old_pid"], failover["new_pid"], failover["pid"]) == (1, main, standby, standby)
     entered = [float(line[2]) for line in svc.ledger_lines() if line[0] == "enter" and int(line[1]) == standby]
     assert entered and 0 <= failover["gap_ms"] <= 1000, failover
-    assert failover["gap_ms"] - failover["clock_ms"] <= (entered[0] - killed_at) * 1000 + 5, (failover, entered)
+    # an upper bound (a clock tick, the thread's start), never far beyond the real gap on a quiet machine
+    assert failover["gap_ms"] <= (entered[0] - killed_at) * 1000 + failover["clock_ms"] + 50, (failover, entered)
     restart = found[kinds.index("restart")]
     assert (restart["old_pid"], restart["new_pid"]) == (promoted, new_main)
     assert found[kinds.index("handover")]["new_pid"] == new_main

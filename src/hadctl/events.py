@@ -78,9 +78,10 @@ def record_failover(layout: Layout, slot: int, pid: int) -> None:
     ``gap_ms`` is an upper bound, measured from outside the fast path: from the lock
     file's modification time (our pid written into it as the lock came free,
     flock.note_holder) to now (this thread starts as the function is entered, and may
-    run a little later). The kernel stamps files with its coarse clock, so the write
-    may have come up to one tick (``clock_ms``, 1-4 ms) after the stamp: the gap lies
-    between ``gap_ms - clock_ms`` and ``gap_ms``. `make bench` measures it exactly."""
+    run a little later: on a busy machine, milliseconds). The kernel stamps files
+    with its coarse clock, so the write may have come up to one tick (``clock_ms``,
+    1-4 ms) after the stamp. Both errors make it larger, never smaller than the time
+    from the pid write to the function's entry. ``make bench`` measures failovers exactly."""
     now_ns = time.time_ns()
     from .layout import read_pid_file
     from .locks import flock
