@@ -263,3 +263,13 @@ def test_a_watchdog_replacement_is_recorded_then_the_failover(service):
     assert replaced["figure"] > 0.5
     assert (failover["old_pid"], failover["new_pid"]) == (hung, standby)
     svc.run("stop", check=True)
+
+
+def test_a_restart_without_standbys_is_recorded_per_slot(service):
+    svc = service(locks={"max_procs": 2, "standby_max_procs": 0})
+    svc.run("start", check=True)
+    old = {slot: svc.pid_of("main", slot) for slot in (1, 2)}
+    svc.run("restart", check=True)
+    restarts = [e for e in _events(svc) if e["kind"] == "restart"]
+    assert sorted((e["slot"], e["old_pid"]) for e in restarts) == sorted(old.items())
+    assert all(e["gap"] is True for e in restarts)  # no standby: a gap, as documented

@@ -284,6 +284,7 @@ def _restart_without_standbys(svc: Service, reports: list[SlotReport]) -> Outcom
             svc.say(f"main #{report.slot} (pid {report.pid}) did not stop; restart stopped there", "Failed", ok=False)
             return svc.outcome("restart", 1, svc.slots()[0])
         status = fill(svc, [r for r in svc.slots()[0] if r.role is Role.MAIN])
+        events.record(svc.layout, "restart", slot=report.slot, old_pid=report.pid, new_pid=None, gap=True)
         if status != 0:
             return svc.outcome("restart", status, svc.slots()[0])
     return svc.outcome("restart", 0, svc.slots()[0])
