@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import time
 
-from . import backoff, lean, probe, stopping
+from . import backoff, events, lean, probe, stopping
 from .config import ServiceConfig
 from .control import ControlLock, Service, clean_stale, fill, prepare, remove, suspect, touch
 from .errors import ActionFailedError, ConfigError, NotRunningError
@@ -48,6 +48,7 @@ def _start_locked(svc: Service, action: str) -> Outcome:
         return svc.outcome(action, 0, reports)
     if suspect(svc, reports):
         return svc.outcome(action, 1, reports)  # a second main would start beside them
+    events.record(svc.layout, "start", action=action)
     status = fill(svc, reports)
     _end_extra_standbys(svc)
     return svc.outcome(action, status, svc.slots()[0])
@@ -131,6 +132,7 @@ def _stop_locked(svc: Service) -> Outcome:
         for slot in range(1, cfg.locks.max_procs + 1):
             remove(backoff.handover_file(cfg.pid_dir, slot))
     doubtful = suspect(svc, reports, elsewhere=not stopped_any)  # (workers elsewhere: when none ran here)
+    events.record(svc.layout, "stop", stopped=stopped_any, left=len(running))
     if not stopped_any and not doubtful:
         svc.say("Not Running", "OK")
     return svc.outcome("stop", 1 if running or left or doubtful or no_stop_file else 0, reports)
@@ -266,6 +268,7 @@ def _hand_over(svc: Service, report: SlotReport) -> bool:
                         "restart stopped there", "Failed", ok=False)
                 return False
         svc.say(f"main #{report.slot} (pid {report.pid}) replaced by pid {holder}", "OK")
+        events.record(svc.layout, "restart", slot=report.slot, old_pid=report.pid, new_pid=holder)
         stopping.end_dead_leftovers(svc)  # what the replaced main started (contain.py)
         return True
     finally:
@@ -325,6 +328,7 @@ def _restart_without_standbys(svc: Service, reports: list[SlotReport]) -> Outcom
             svc.say(f"main #{report.slot} (pid {report.pid}) did not stop; restart stopped there", "Failed", ok=False)
             return svc.outcome("restart", 1, svc.slots()[0])
         status = fill(svc, [r for r in svc.slots()[0] if r.role is Role.MAIN])
+        events.record(svc.layout, "restart", slot=report.slot, old_pid=report.pid, new_pid=None, gap=True)
         if status != 0:
             return svc.outcome("restart", status, svc.slots()[0])
     return svc.outcome("restart", 0, svc.slots()[0])
@@ -445,6 +449,7 @@ def status(cfg: ServiceConfig, holder_probe: flock.HolderProbe | None = None) ->
         delay = _second_line(svc.layout.backoff_file)
         svc.steps.append(Step(f"crash loop: standby pid {found.pid} is backing off {delay} s", "Back-off", False))
         detail["backoff"] = {"pid": found.pid, "delay": float(delay) if delay else None}
+    _failover_status(svc, detail)
     if cfg.listen:
         from . import sockets
 
@@ -486,6 +491,19 @@ def _contain_status(svc: Service, reports: list[SlotReport], detail: dict[str, o
         svc.steps.append(Step(f"containment: {facts['mode']}" + (f" {facts['cgroup']}" if facts["cgroup"] else ""),
                               "OK", True))
     detail["containment"] = {**facts, "replaced": replaced}
+
+
+def _failover_status(svc: Service, detail: dict[str, object]) -> None:
+    """The last failover and how many in the last hour (events.py), read without json."""
+    summary = events.failover_summary(svc.cfg.pid_dir)
+    detail["failovers"] = summary
+    last = summary["last"]
+    if last is not None:
+        gap = f", gap <= {last['gap_ms']:.3f} ms" if last["gap_ms"] is not None else ""
+        ago = events.age(time.time() - last["time"])
+        svc.steps.append(Step(f"last failover: main #{last['slot']} pid {last['old_pid'] or '?'} -> "
+                              f"{last['new_pid']}{gap}, {ago} ago; {summary['last_hour']} in the last hour",
+                              "Failover", True))
 
 
 def _second_line(path: str) -> str:

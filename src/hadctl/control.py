@@ -18,7 +18,7 @@ from __future__ import annotations
 import errno
 import os
 
-from . import lean, owner, probe, safepath, spawn
+from . import events, lean, owner, probe, safepath, spawn
 from . import slots as read_model
 from .config import SYSLOG, ServiceConfig
 from .errors import ActionFailedError, BusyError, ConfigError, NotPermittedError
@@ -370,6 +370,7 @@ def fill(svc: Service, reports: list[SlotReport], standby_extra: int = 0) -> int
             others = True
         elif report.message not in failures:
             failures.add(report.message)
+            events.record(svc.layout, "spawn_failure", reason=report.kind, message=report.message)
             if report.kind == "import-error":
                 svc.say(f"cannot start: {report.message}", "Failed", ok=False)
                 status = 5

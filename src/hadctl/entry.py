@@ -74,6 +74,8 @@ class Action:
 
 JSON = Option(("--json",), "as_json", "Print the same facts as JSON.", fast=True)
 ALL = Option(("--all",), "every", "Every *.toml service in the config folder.")
+FORMAT = Option(("--format",), "format", "text (default), json, or prometheus (the text exposition format).",
+                flag=False, metavar="FORMAT")
 CONFIG_DIR = Option(("--config-dir",), "config_dir",
                     "Folder for --all (default: $HADCTL_CONFIG_DIR, else /etc/hadctl).",
                     flag=False, metavar="DIR")
@@ -100,10 +102,10 @@ ACTIONS: tuple[Action, ...] = (
     Action("upgrade", "actions.upgrade", help=(
         "Refresh the standbys, then touch main_upgrade_file (%p -> pid) for each main and wait "
         "upgrade_timeout for the main to remove it.")),
-    Action("status", "actions.status", init=True, report=True, options=(JSON, ALL, CONFIG_DIR),
+    Action("status", "actions.status", init=True, report=True, options=(JSON, ALL, CONFIG_DIR, FORMAT),
            every="services.status_all", help=(
         "One line per expected slot, read from the locks: Running or Not Running "
-        "(stale pid files named). Exit 0 all running, 3 none, 1 some.")),
+        "(stale pid files named); the last failover. Exit 0 all running, 3 none, 1 some.")),
     Action("foreground", "actions.foreground",
            help="Run the entrypoint in this process: no fork, no locks, no output of hadctl's own."),
     Action("get-init-file", "initfile.init_file", aliases=("get_init_file",), fast=False,
@@ -126,10 +128,24 @@ ACTIONS: tuple[Action, ...] = (
         "Validate without starting anything: the config (every error), users and groups, folders, "
         "the entrypoint and warmup imported as the service user, listen addresses, limits. "
         "One line per problem and exit 6, else 0 with a summary.")),
+    Action("events", "render.show_events", fast=False, options=(
+        Option(("-n",), "lines", "How many events to print (default 20).", flag=False, metavar="N"),
+        Option(("--json",), "json_output", "One JSON object per line."),
+        Option(("--since",), "since", "Only events at TIME or later: 10m, 2h, 1d, @EPOCH, HH:MM, "
+               "YYYY-MM-DD HH:MM.", flag=False, metavar="TIME"),
+    ), help="Print the service's history: starts, stops, failovers (gap), restarts, back-off steps, "
+            "watchdog replacements, spawn failures, mains that returned."),
+    Action("top", "top.top", fast=False, options=(
+        ALL, CONFIG_DIR, Option(("--once",), "once", "Print one frame and exit (also when not on a terminal)."),
+    ), every="top.top_all", help=(
+        "A live table of the service's (or, with --all, every service's) slots, refreshed every "
+        "second until Ctrl-C: role, pid, uptime, CPU, RSS with descendants, listen sockets, last "
+        "event, back-off. Reads /proc and pid_dir only: no signal, no wake-up of a standby.")),
 )
 
 # Options perform reads itself; any other option of a row is passed to its function by name.
-_PERFORM_OPTIONS = ("as_json", "every", "config_dir")
+_PERFORM_OPTIONS = ("as_json", "every", "config_dir", "format")
+FORMATS = ("text", "json", "prometheus")
 
 
 def find(name: str) -> Action | None:
@@ -218,9 +234,10 @@ def perform(path: str | None, action: Action, options: dict[str, object] | None 
     With ``every`` (``--all``) and a row that has an ``every`` function, that function
     gets the config folder instead, and returns (outcomes, status)."""
     options = options or {}
-    as_json = bool(options.get("as_json"))
+    form = _format(options)
+    as_json = form == "json"
     if options.get("every") and action.every:
-        return _perform_every(action.every, options, as_json)
+        return _perform_every(action, options, form)
     if not path:
         raise ValueError("perform: no config file")  # cli.py asks for -c before calling
     passed = {o.dest: options.get(o.dest) for o in action.options if o.dest not in _PERFORM_OPTIONS}
@@ -233,7 +250,11 @@ def perform(path: str | None, action: Action, options: dict[str, object] | None 
     if isinstance(result, str):
         sys.stdout.write(result)
         return 0
-    if as_json:
+    if form == "prometheus":
+        from .render import as_prometheus
+
+        sys.stdout.write(as_prometheus([result]))  # type: ignore[list-item]
+    elif as_json:
         from .render import as_json as to_json
 
         sys.stdout.write(to_json(result) + "\n")  # type: ignore[arg-type]
@@ -249,13 +270,37 @@ def perform(path: str | None, action: Action, options: dict[str, object] | None 
     return int(result.exit_status)  # type: ignore[attr-defined]
 
 
-def _perform_every(call: str, options: dict[str, object], as_json: bool) -> int:
+def _format(options: dict[str, object]) -> str:
+    """``--format`` (``--json`` is ``--format json``); ArgumentError (2) for an unknown one."""
+    form = options.get("format")
+    if form is None:
+        return "json" if options.get("as_json") else "text"
+    if form not in FORMATS or (options.get("as_json") and form != "json"):
+        from .errors import ArgumentError
+
+        raise ArgumentError(f"--format: expected one of {', '.join(FORMATS)}"
+                            f"{' (or --json alone)' if options.get('as_json') else ''}, got {form!r}")
+    return str(form)
+
+
+def _perform_every(action: Action, options: dict[str, object], form: str) -> int:
+    """``--all``: the row's ``every`` function gets the config folder (and the row's own
+    options); it returns (outcomes, status) to render, or an exit status (it printed)."""
     import os
 
     folder = str(options.get("config_dir") or os.environ.get("HADCTL_CONFIG_DIR") or "/etc/hadctl")
-    found: tuple[list[Outcome], int] = function(call)(folder)  # type: ignore[assignment]
-    outcomes, code = found
-    if as_json:
+    passed = {o.dest: options.get(o.dest) for o in action.options if o.dest not in _PERFORM_OPTIONS}
+    found = function(action.every or "")(folder, **passed)
+    if isinstance(found, int):
+        return found
+    outcomes: list[Outcome]
+    code: int
+    outcomes, code = found  # type: ignore[misc]
+    if form == "prometheus":
+        from .render import as_prometheus
+
+        sys.stdout.write(as_prometheus(outcomes))
+    elif form == "json":
         from .render import as_json as to_json
 
         sys.stdout.write(to_json(outcomes) + "\n")

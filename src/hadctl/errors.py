@@ -44,3 +44,9 @@ class NotRunningError(HadctlError):
     """The action needs a running main and none runs (LSB 7)."""
 
     exit_status = 7
+
+
+class ArgumentError(HadctlError):
+    """A bad value of an action's option, found past click's parsing (LSB 2)."""
+
+    exit_status = 2

@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 import time
 
-from . import backoff, contain, lean, probe
+from . import backoff, contain, events, lean, probe
 from .locks import flock
 
 if lean.TYPE_CHECKING:
@@ -223,6 +223,7 @@ class Watcher:
             self.log.warn(f"main #{slot} (pid {pid}) uses {int(figure)} bytes with its descendants, over max_rss "
                           f"{self.max_rss}: replaced by this standby (pid {os.getpid()})")
         _note_replaced(self.pid_dir, slot, pid, why)
+        events.record(self.pid_dir, "replaced", slot=slot, main_pid=pid, why=why, figure=figure)
         item = _Replacing(pid, target.pidfd, ladder, 0.0)
         target.pidfd = -1  # the item owns it now
         self._send(item, item.ladder.pop(0))
@@ -266,6 +267,7 @@ def check_from_controller(pid_dir: str, slots: list[int], lock_file: Any, timeou
             log.warn(f"main #{slot} (pid {beat[1]}) silent for {(now_ns - beat[0]) / 1e9:.3f} s "
                      f"(watchdog_timeout {timeout:g} s): hung, replaced: SIG{signal}")
             _note_replaced(pid_dir, slot, beat[1], HUNG)
+            events.record(pid_dir, "replaced", slot=slot, main_pid=beat[1], why=HUNG, figure=(now_ns - beat[0]) / 1e9)
             for name in (signal, "KILL"):
                 target.signal(lean.signum(name), group=False)
                 if name != "KILL":

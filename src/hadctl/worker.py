@@ -52,7 +52,7 @@ import time
 
 import hadctl
 
-from . import backoff, contain, lean
+from . import backoff, contain, events, lean
 from . import layout as paths
 from . import spawn as protocol
 from .entrypoint import EntrypointError, call, resolve
@@ -326,6 +326,7 @@ class Worker(Waits):
         self.enter(BACKOFF)
         self.log.warn(f"crash loop: {run} unexpected deaths of mains within {spec.start_limit_interval:g} s "
                       f"of each other; this standby waits {wait:g} s before taking a slot")
+        events.record(self.layout, "backoff", delay=wait, run=run)
         until = time.monotonic() + wait
         paths.write_pid_file(self.layout.backoff_file, self.pid, extra=f"{wait:.3f}")
         try:
@@ -455,6 +456,7 @@ class Worker(Waits):
             self.log.trace(f"spawned replacement standby {child}")
         except OSError as exc:
             self.log.error(f"cannot spawn a replacement standby: {exc.strerror}")
+            events.record(self.layout, "spawn_failure", reason="replacement standby", message=exc.strerror)
 
     def _settle_promotion(self, slot: int, standby_fd: int, settled: _thread.LockType) -> None:
         """Runs in a short-lived thread as a promoted standby's function starts:
@@ -462,6 +464,7 @@ class Worker(Waits):
         to main-SLOT.pid (restart waits for that), then free the standby slot
         (in that order: the replacement may take it at once)."""
         try:
+            events.record_failover(self.layout, slot, self.pid)
             self.log.info(f"main #{slot} running {self.spec.entrypoint} (pid {self.pid}, promoted)")
             if backoff.take_handover(self.spec.pid_dir, slot) is None:  # its main was killed, unasked
                 backoff.record_death(self.layout.starts_file)
@@ -507,6 +510,7 @@ class Worker(Waits):
         finally:
             self._end_main(slot, fd, settled)
         self.log.info(f"main #{slot} returned, exit status {code}")
+        events.record(self.layout, "exit", slot=slot, status=code)
         return code
 
     def _arm_fencing(self, slot: int, fd: int, standby_fd: int) -> None:
