@@ -45,9 +45,9 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT / "src") not in sys.path:  # run as a script: find hadctl and the test services
@@ -55,9 +55,9 @@ if str(ROOT / "src") not in sys.path:  # run as a script: find hadctl and the te
 
 import support  # noqa: E402 - tests/support.py (this file's folder)
 from hadctl.layout import Layout  # noqa: E402
-from support import describe, is_alive  # noqa: E402
 from hadctl.model import Role  # noqa: E402
 from hadctl.slots import read_slots  # noqa: E402
+from support import describe  # noqa: E402
 
 MAX_PROCS = 2
 STANDBY_MAX_PROCS = 2
@@ -176,11 +176,10 @@ def run_together(argvs: list[list[str]], env: dict[str, str],
     ready_read, ready_write = os.pipe()
     procs = []
     try:
-        for argv in argvs:
-            procs.append(subprocess.Popen(
-                [sys.executable, "-c", _GATE, *argv], stdin=gate_read, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, text=True, env={**env, "HADCTL_GATE_FD": str(ready_write)},
-                pass_fds=(ready_write,)))
+        procs.extend(subprocess.Popen(
+            [sys.executable, "-c", _GATE, *argv], stdin=gate_read, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, env={**env, "HADCTL_GATE_FD": str(ready_write)},
+            pass_fds=(ready_write,)) for argv in argvs)
     finally:
         os.close(gate_read)
         os.close(ready_write)
@@ -382,7 +381,7 @@ class Chaos:
         self.signals_to_us: list[str] = []
         self.previous_handlers: dict[int, object] = {}
         self.stopped: int | None = None
-        self.journal = open(folder / "journal", "a") if folder.is_dir() else None
+        self.journal = open(folder / "journal", "a") if folder.is_dir() else None  # noqa: SIM115 - for the run
 
     def violate(self, text: str) -> None:
         self.violations.append(text)
@@ -391,7 +390,7 @@ class Chaos:
     def note(self, text: str) -> None:
         """One line of the journal (folder/journal): what chaos did, when (monotonic)."""
         if self.journal is None:
-            self.journal = open(self.folder / "journal", "a")
+            self.journal = open(self.folder / "journal", "a")  # noqa: SIM115 - for the run
         self.journal.write(f"{time.monotonic():.6f} {text}\n")
         self.journal.flush()
 
@@ -610,7 +609,7 @@ class Chaos:
         self.note(f"hadctl {' + '.join(actions)} at once")
         results = run_together([["-c", str(self.config), a] for a in actions], self.env)
         self.commands += len(results)
-        for action, result in zip(actions, results):
+        for action, result in zip(actions, results, strict=False):
             self.judge(f"{action} (one of {'+'.join(actions)} at once)", result, {0})
         return True
 
@@ -788,7 +787,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--operations", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--folder", default=None, help="work folder (default: a new temporary one, removed if all is well)")
+    parser.add_argument("--folder", default=None,
+                        help="work folder (default: a new temporary one, removed if all is well)")
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 32)
     print(f"chaos: seed {seed}", flush=True)

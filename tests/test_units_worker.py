@@ -157,8 +157,10 @@ def test_a_frame_of_the_wrong_shape_is_refused():
 def test_worker_spec_fields_are_named_like_the_toml_keys():
     from hadctl.config import LOCKS_KEYS, TOP_KEYS
 
-    not_toml = {"host_id", "spawned_by_main", "standby_extra", "spawn_timeout", "alive_fd", "listen_names", "uid", "gid", "home", "environment",
-                "syslog_socket", "service_id", "cgroup", "signal_timeout", "rlimits"}  # spec.py says where from
+    # spec.py says where these come from
+    not_toml = {"host_id", "spawned_by_main", "standby_extra", "spawn_timeout", "alive_fd", "listen_names",
+                "uid", "gid", "home", "environment", "syslog_socket", "service_id", "cgroup", "signal_timeout",
+                "rlimits"}
     for name in set(FIELDS) - not_toml:
         key = name[len("locks_"):] if name.startswith("locks_") else name
         assert key in (LOCKS_KEYS if name.startswith("locks_") else TOP_KEYS), name

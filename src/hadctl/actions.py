@@ -262,8 +262,8 @@ def _hand_over(svc: Service, report: SlotReport) -> bool:
             svc.say(f"main #{report.slot}: no standby took the slot within {wait:g} s; restart stopped there",
                     "Failed", ok=False)
             return False
-        if cfg.ready_timeout is not None:
-            if not _wait_for_ready(svc, watch, report.slot, holder, time.monotonic() + cfg.ready_timeout):
+        if cfg.ready_timeout is not None and \
+                not _wait_for_ready(svc, watch, report.slot, holder, time.monotonic() + cfg.ready_timeout):
                 svc.say(f"main #{report.slot} (pid {holder}) did not say ready within {cfg.ready_timeout:g} s; "
                         "restart stopped there", "Failed", ok=False)
                 return False

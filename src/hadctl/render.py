@@ -14,7 +14,8 @@ from .lean import TYPE_CHECKING
 from .model import Outcome
 
 if TYPE_CHECKING:
-    from typing import IO, Any, Iterable
+    from collections.abc import Iterable
+    from typing import IO, Any
 
 
 def use_color(stream: IO[str]) -> bool:

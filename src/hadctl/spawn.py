@@ -264,7 +264,7 @@ def _run_child(spec: WorkerSpec, env: dict[str, str], report_fd: int, spec_fd: i
         _become_session_leader()
         _fork_again_and_leave(pid_fd)
         _run_grandchild(spec, env, report_fd, spec_fd, listen_fds)
-    except BaseException as exc:  # noqa: BLE001 - a forked child reports everything
+    except BaseException as exc:
         write_report(report_fd, ERROR, os.getpid(), message=_describe(exc))
     finally:
         os._exit(127)

@@ -91,8 +91,8 @@ def end(svc: Service, found: Targets, role: Role) -> list[SlotReport]:
             if name not in ("KILL", "CONT", "STOP"):
                 target.signal(lean.SIGCONT, group)  # a stopped process must run to act on it (as systemd does)
         last = number == len(ladder) - 1
-        alive = _still_alive(alive, time.monotonic() + (cfg.signal_timeout if not last else max(cfg.signal_timeout, 1.0)),
-                             group)
+        wait = cfg.signal_timeout if not last else max(cfg.signal_timeout, 1.0)
+        alive = _still_alive(alive, time.monotonic() + wait, group)
     for path in stop_files:
         remove(path)
     survivors = {t.pid for t in alive}
@@ -108,11 +108,9 @@ def _still_alive(found: list[probe.Target], deadline: float, group: bool) -> lis
     exit; returns those of which something still lives."""
     left = set(probe.wait_for_exit([t.pidfd for t in found], deadline))
     alive = [t for t in found if t.pidfd in left]
-    if group:
-        for target in found:
-            if target.pidfd not in left and target.pgid and target.group_left():
-                if probe.wait_for_group(target.pgid, deadline):
-                    alive.append(target)
+    if group:  # the leader is gone: does its group still hold someone?
+        alive.extend(t for t in found if t.pidfd not in left and t.pgid and t.group_left()
+                     and probe.wait_for_group(t.pgid, deadline))
     return alive
 
 

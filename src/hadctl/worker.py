@@ -64,7 +64,8 @@ from .spawn import spawn_from_worker
 from .spec import read as read_spec
 
 if lean.TYPE_CHECKING:
-    from typing import Any, Callable
+    from collections.abc import Callable
+    from typing import Any
 
     from .spec import WorkerSpec
 
@@ -200,7 +201,7 @@ class Worker(Waits):
                 return self.leave(code=EX_NOTINSTALLED)
             try:
                 warm = warmup()
-            except BaseException as exc:  # noqa: BLE001 - user code; report, never crash silently
+            except BaseException as exc:
                 import traceback
 
                 traceback.print_exc()
@@ -473,7 +474,7 @@ class Worker(Waits):
             self._rename_pid_file(self.layout.pid_file("main", slot))
             flock.release(standby_fd)
             self._sweep_leftovers()
-        except BaseException as exc:  # noqa: BLE001 - a thread must not die silently
+        except BaseException as exc:
             self.log.error(f"settling the promotion failed: {type(exc).__name__}: {exc}")
         finally:
             settled.release()
@@ -482,7 +483,7 @@ class Worker(Waits):
         """A main that took a free slot: a dead main's leftovers may still be there."""
         try:
             self._sweep_leftovers()
-        except BaseException as exc:  # noqa: BLE001 - a thread must not die silently
+        except BaseException as exc:
             self.log.error(f"ending leftovers failed: {type(exc).__name__}: {exc}")
         finally:
             settled.release()

@@ -1244,8 +1244,8 @@ def _installed_package() -> Path | None:
     return Path(found.stdout.strip()) if found.returncode == 0 and found.stdout.strip() else None
 
 
-SCENARIOS = ["failover", "failover_busy", "pool", "restart", "stop_start", "fork", "idle", "status", "status_history", "rss", "many",
-             "zookeeper", "reopen", "contain"]
+SCENARIOS = ["failover", "failover_busy", "pool", "restart", "stop_start", "fork", "idle", "status", "status_history",
+             "rss", "many", "zookeeper", "reopen", "contain"]
 SCENARIOS.append("wrk")
 ALIASES = {  # row names and short words -> scenario
     "pool_whole": "pool", "restart_gap": "restart", "restart_wall": "restart", "stop": "stop_start",
