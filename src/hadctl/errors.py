@@ -50,3 +50,15 @@ class ArgumentError(HadctlError):
     """A bad value of an action's option, found past click's parsing (LSB 2)."""
 
     exit_status = 2
+
+
+def count_option(value: str | None, default: int, option: str, unit: str) -> int:
+    """An option's count (``logs -n``, ``events -n``): ``default`` when not given; a
+    number >= 0, else ArgumentError naming the option."""
+    try:
+        count = default if value is None else int(value)
+        if count < 0:
+            raise ValueError
+    except ValueError:
+        raise ArgumentError(f"{option}: expected a number of {unit} >= 0, got {value!r}") from None
+    return count

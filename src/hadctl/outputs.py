@@ -384,18 +384,13 @@ def logs(cfg: ServiceConfig, follow: bool = False, lines: str | None = None, std
     stderr file; ``--hadctl``: log_file); with ``follow``, keep printing what is
     appended, across rotations (reopen by name when the inode changes) and
     truncations. Returns 0; a follow ends with Ctrl-C: 130."""
-    from .errors import ConfigError
+    from .errors import ConfigError, count_option
 
     path = cfg.log_file if hadctl else cfg.main_stderr if stderr else cfg.main_stdout
     if path == SYSLOG:
         raise ConfigError(f'{cfg.config_file}: {"stderr_file" if stderr else "stdout_file"} is "syslog": '
                           "read the service's lines in syslog (journalctl -t NAME, /var/log/syslog)")
-    try:
-        count = 10 if lines is None else int(lines)
-        if count < 0:
-            raise ValueError
-    except ValueError:
-        raise ConfigError(f"logs -n: expected a number of lines >= 0, got {lines!r}") from None
+    count = count_option(lines, 10, "logs -n", "lines")
     out = sys.stdout.buffer
     fd = _open_or_none(path)
     if fd is not None:

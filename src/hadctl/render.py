@@ -173,15 +173,10 @@ def show_events(cfg: Any, lines: str | None = None, json_output: bool = False, s
     for a bad -n or --since."""
     import sys
 
-    from .errors import ArgumentError
+    from .errors import count_option
     from .events import read
 
-    try:
-        count = 20 if lines is None else int(lines)
-        if count < 0:
-            raise ValueError
-    except ValueError:
-        raise ArgumentError(f"events -n: expected a number of events >= 0, got {lines!r}") from None
+    count = count_option(lines, 20, "events -n", "events")
     start = None if since is None else parse_since(since, time.time())
     found = read(cfg.pid_dir, start)
     found = found[len(found) - count:] if count else []
