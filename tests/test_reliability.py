@@ -249,6 +249,23 @@ def test_junk_next_to_a_running_service_is_never_signalled(service, bystanders, 
     assert own_signals == []
 
 
+@pytest.mark.parametrize("action", ["stop", "restart"])
+def test_a_sigstopped_main_runs_its_term_handler_on_stop_and_restart(service, no_leftovers, action):
+    """Issue 12, item 13: SIGCONT follows each stop signal, so a stopped main handles
+    TERM (drains) instead of waiting out kill_timeout for a KILL it cannot handle."""
+    svc = service(entrypoint="tests.services.contained:beating", kill_timeout=30,
+                  locks={"max_procs": 1, "standby_max_procs": 1})
+    svc.run("start", check=True)
+    main = svc.pid_of("main")
+    wait_until(lambda: main in _ledger_events(svc.ledger, "enter"), 10, "the main inside its function")
+    os.kill(main, signal.SIGSTOP)
+    wait_until(lambda: chaos.state_of(main) == "T", 5, "the main to be stopped")
+    svc.run(action, check=True, timeout=20)  # without SIGCONT: 30 s, then KILL and no exit line
+    assert main in _ledger_events(svc.ledger, "exit"), svc.ledger.read_text()
+    if action == "stop":
+        assert_stopped_clean(svc, no_leftovers)
+
+
 @pytest.mark.parametrize("content", ["empty", "not empty"])
 def test_a_folder_in_place_of_the_main_pid_file_does_not_stop_a_failover(service, no_leftovers, content):
     """A promoted standby renames its pid file to main-1.pid: junk in the way must not
