@@ -190,6 +190,28 @@ def test_each_worker_is_told_its_sockets_the_systemd_way(service, tmp_path):
     svc.run("stop", check=True)
 
 
+def test_foreground_holds_the_sockets_at_fds_3_and_on(service, tmp_path):
+    """foreground runs the function in hadctl's own process: the sockets of listen sit at
+    fds 3, 4, ... with LISTEN_* as in a worker (before: {} and nothing bound)."""
+    report, port = tmp_path / "report", _free_port()
+    svc = _listening(service, [f"127.0.0.1:{port}", {"address": f"unix:{tmp_path}/api.sock", "name": "api"}],
+                     entrypoint="tests.services.http:report", env={"REPORT": str(report)})
+    process = subprocess.Popen([*svc.command, "-c", str(svc.config), "foreground"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: report.exists() or process.poll() is not None, 10, "the report")
+        assert report.exists(), process.communicate(timeout=10)
+        facts = dict(line.split("=", 1) for line in report.read_text().splitlines())
+        assert facts == {"LISTEN_FDS": "2", "LISTEN_PID": str(process.pid), "LISTEN_FDNAMES": "listen:api",
+                         "names": "listen,api", "pid": str(process.pid)}
+        assert _get(("127.0.0.1", port)) == process.pid
+        assert _get(str(tmp_path / "api.sock"), socket.AF_UNIX) == process.pid
+    finally:
+        process.terminate()
+        _out, err = process.communicate(timeout=10)
+    assert process.returncode == 0, err
+
+
 def test_a_unix_socket_gets_its_mode_and_a_dead_runs_path_is_replaced(service, tmp_path):
     path = tmp_path / "api.sock"
     svc = service(entrypoint=HTTP, listen=[f"unix:{path}"], listen_mode="600")

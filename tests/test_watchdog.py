@@ -136,3 +136,21 @@ def test_a_watcher_never_sees_a_new_main_beside_an_old_beat(tmp_path: Path, monk
                 assert time.monotonic_ns() - beat[0] < 10 * 10**9, state
     path.write_bytes(b"\0" * 16)
     assert watchdog.read_beat(str(tmp_path), 1) is None
+
+
+def test_max_rss_recycles_a_listen_service_with_no_failed_request(service: Any) -> None:
+    """Issue 14: a main over max_rss is replaced as restart replaces one slot: TERM, it
+    finishes the request in hand, the standby accepts from the same socket; a client
+    sees no failed request of any kind across three recycles."""
+    from test_listen import Clients, _free_port
+
+    port = _free_port()
+    svc = service(entrypoint="tests.services.http:serve_growing", listen=[f"127.0.0.1:{port}"], max_rss="120M",
+                  kill_timeout=5, start_limit_burst=30, env={"GROW": str(8 << 20)}, locks={"interval": 0.1})
+    svc.run("start", check=True)
+    with Clients(("127.0.0.1", port)) as clients:
+        wait_until(lambda: svc.log_file.read_text().count("over max_rss") >= 3, 60, "three recycles")
+        wait_until(lambda: clients.served_more_than(20), 10, "the clients served after them")
+        served, errors = clients.take()
+    assert errors == [], f"{len(errors)} failed of {served + len(errors)}: {errors[:5]}"
+    svc.run("stop", check=True)

@@ -536,6 +536,10 @@ def foreground(cfg: ServiceConfig) -> int:
         os.chdir(cfg.directory)
     if cfg.umask is not None:
         os.umask(cfg.umask)
+    if cfg.listen:  # at fds 3, 4, ... as every worker holds them
+        from . import sockets
+
+        sockets.for_this_process(cfg)
     try:
         value = resolve(cfg.entrypoint)
     except EntrypointError as exc:

@@ -61,6 +61,27 @@ def for_workers(svc: Service) -> tuple[int, ...]:
     return tuple(sock.fileno() for sock in held)
 
 
+def for_this_process(cfg: ServiceConfig) -> None:
+    """``foreground``: the sockets of ``listen`` (from systemd, else bound anew) at fds
+    3, 4, ... of this process, inheritable, announced in LISTEN_FDS / LISTEN_PID /
+    LISTEN_FDNAMES as a worker's are: ``hadctl.listen_sockets()`` and ``--fd 3``
+    servers work the same. Those fds are taken, whatever the caller left there (as
+    systemd does). Raises as ``acquire``."""
+    import fcntl
+
+    held = acquire(cfg, [])
+    count = len(held)
+    # out of the way first: a socket may sit at the fd another one must take
+    high = [fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD_CLOEXEC, FIRST_FD + count) for sock in held]
+    for sock in held:
+        sock.close()
+    for index, fd in enumerate(high):
+        os.dup2(fd, FIRST_FD + index, inheritable=True)
+        os.close(fd)
+    os.environ.update(LISTEN_FDS=str(count), LISTEN_PID=str(os.getpid()),
+                      LISTEN_FDNAMES=":".join(address.name for address in cfg.listen))
+
+
 def acquire(cfg: ServiceConfig, pids: list[int]) -> list[socket.socket]:
     """One listening socket per address of ``cfg.listen``: from systemd, from a live
     worker among ``pids``, else bound anew (see the module's docstring)."""

@@ -13,6 +13,8 @@ import os
 import select
 import signal
 import socket
+import threading
+import time
 
 import hadctl
 
@@ -67,6 +69,20 @@ def serve() -> int:
     if not sockets:
         raise SystemExit("no listening sockets: set listen in the service file")
     return _serve_on(sockets)
+
+
+def serve_growing() -> int:
+    """``serve``, while a thread grows the process by $GROW bytes every 50 ms (for
+    max_rss: the standby replaces it, TERM, and it drains like any main)."""
+    hoard = []
+
+    def grow() -> None:
+        while True:
+            time.sleep(0.05)
+            hoard.append(bytearray(int(os.environ.get("GROW", str(8 << 20)))))
+
+    threading.Thread(target=grow, daemon=True).start()
+    return serve()
 
 
 def serve_own_port() -> int:
