@@ -76,7 +76,8 @@ def test_the_core_never_imports_click_or_rich():
 
 def test_the_worker_imports_neither_dataclasses_typing_signal_nor_threading():
     loaded = _modules_after("import hadctl.worker")
-    heavy = {"dataclasses", "typing", "signal", "threading", "enum", "click", "rich", "json", "logging", "ctypes"}
+    heavy = {"dataclasses", "typing", "signal", "threading", "enum", "click", "rich", "json", "logging", "ctypes",
+             "socket", "hadctl.syslogsend"}  # syslog code: only for log_file = "syslog" (log.open_log)
     assert not loaded & heavy, loaded & heavy
 
 

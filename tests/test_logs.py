@@ -219,6 +219,63 @@ def test_syslog_lines_go_to_the_log_file_when_no_syslogd_listens(
     assert kept[0] == "1"
 
 
+def test_hadctl_log_to_syslog_reaches_rsyslogd_with_tag_facility_and_severity(
+        service: Any, rsyslogd: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """log_file = "syslog": the controller's lines (start, stop) and a worker's (the
+    promoted main's) arrive tagged hadctl/NAME[PID] at their level; stdout_file, unset,
+    follows log_file to syslog; no file is written; logs --hadctl says where to look."""
+    sock, output = rsyslogd
+    monkeypatch.setenv("HADCTL_SYSLOG_SOCKET", str(sock))
+    svc = service(name="shipper", entrypoint="tests.services.writer:write", log_file="syslog",
+                  syslog_facility="local4", env={"RATE": "100"})
+    svc.run("start", check=True)
+    main = svc.holders("main")[0]
+    os.kill(main, signal.SIGKILL)
+    wait_until(lambda: svc.holders("main") and svc.holders("main")[0] != main, 10, "a new main")
+    promoted = svc.holders("main")[0]
+    wait_until(lambda: any(f[0] == f"shipper[{promoted}]:" for f in _syslog_lines(output)), 10, "the new main's output")
+    svc.run("stop", check=True)
+    lines = _syslog_lines(output)
+    ours = [f for f in lines if f[0].startswith("hadctl/shipper[")]
+    assert all(f[1] == "local4" for f in lines), lines
+    assert any(f[2] == "info" and f[3].strip().startswith("main #1 started (pid ") for f in ours), ours
+    assert any(f[2] == "info" and f[3].strip().startswith("main #1 (pid ") and f[3].endswith("[Stopped]")
+               for f in ours), ours
+    assert [f[2] for f in ours if f[0] == f"hadctl/shipper[{promoted}]:" and "promoted)" in f[3]] == ["info"], ours
+    assert [f[2] for f in lines if f[0] == f"shipper[{promoted}]:"][:2] == ["info", "info"]  # its stdout
+    assert not svc.log_file.exists() and not list(svc.folder.rglob("syslog")), "a log file was written"
+    result = svc.run("logs", "--hadctl")
+    assert result.returncode == 6 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "journalctl -t hadctl/shipper" in result.stderr, result.stderr
+    result = svc.run("get-logrotate")
+    assert result.returncode == 6 and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_hadctl_log_levels_map_to_syslog_severities(rsyslogd: Any) -> None:
+    from hadctl.log import open_log
+
+    sock, output = rsyslogd
+    log = open_log("syslog", "levels", "user", str(sock))
+    log.tracing = True
+    for level in ("trace", "info", "warn", "error"):
+        getattr(log, level)(f"a {level} line")
+    wait_until(lambda: len(_syslog_lines(output)) >= 4, 10, "the four lines")
+    assert [(f[0], f[1], f[2], f[3].strip()) for f in _syslog_lines(output)] == [
+        (f"hadctl/levels[{os.getpid()}]:", "user", severity, f"a {level} line")
+        for level, severity in (("trace", "debug"), ("info", "info"), ("warn", "warning"), ("error", "err"))]
+
+
+def test_hadctl_log_lines_syslog_does_not_take_go_to_the_controllers_stderr(
+        service: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HADCTL_SYSLOG_SOCKET", str(tmp_path / "nobody-listens.sock"))
+    svc = service(log_file="syslog")
+    result = svc.run("start", check=True)
+    assert "[syslog unreachable: " in result.stderr and "hadctl/svc[" in result.stderr
+    assert "main #1 started (pid " in result.stderr
+    svc.run("stop", check=True)
+    assert not list(svc.folder.rglob("syslog"))
+
+
 def test_with_reopen_signal_hup_reload_reopens_instead_of_replacing_the_main(service: Any, tmp_path: Path) -> None:
     out = tmp_path / "out.log"
     svc = service(entrypoint="tests.services.writer:write", stdout_file=str(out), reopen_signal="HUP",

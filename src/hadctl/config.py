@@ -211,7 +211,7 @@ def _resolve_top(path: str, base: str, top: dict[str, Any]) -> None:
     """Top-level paths made absolute (against the file's folder), and the rules between them."""
     for key in ("log_file", "stdout_file", "stderr_file", "directory", "main_stop_file",
                 "standby_stop_file", "main_upgrade_file"):
-        if key in top and not (key in ("stdout_file", "stderr_file") and top[key] == SYSLOG):
+        if key in top and not (key in ("log_file", "stdout_file", "stderr_file") and top[key] == SYSLOG):
             top[key] = _resolve(base, top[key])
     if "env_file" in top:
         top["env_file"] = tuple(("-" if p.startswith("-") else "") + _resolve(base, p.removeprefix("-"))

@@ -24,7 +24,7 @@ from .config import SYSLOG, ServiceConfig
 from .errors import ActionFailedError, BusyError, ConfigError, NotPermittedError
 from .layout import Layout, read_pid_file, remove_stale
 from .locks import flock
-from .log import Log, open_append
+from .log import open_append, open_log
 from .model import Outcome, SlotReport, Step
 from .preflight import check_open_files, not_a_file, read_only
 
@@ -44,7 +44,7 @@ class Service:
         owner.check(cfg)
         self.cfg = cfg
         self.layout = Layout(cfg.pid_dir, cfg.locks.path, cfg.locks.standby_path, cfg.standby_stop_file)
-        self.log = Log(cfg.log_file)
+        self.log = open_log(cfg.log_file, cfg.name, cfg.syslog_facility)  # "syslog": its stderr if unsent
         self.steps: list[Step] = []
         self._engine: Engine | None = None
         self.listen_sockets: list[socket] | None = None  # sockets.for_workers: given to every worker spawned

@@ -156,7 +156,7 @@ def find(name: str) -> Action | None:
     return None
 
 
-_CRASH_LOG = [""]  # where an internal error's traceback goes once a config is loaded
+_CRASH_LOG = ["", "", ""]  # log_file, name, syslog_facility: where an internal error's traceback goes
 
 
 def run(argv: list[str] | None = None) -> NoReturn:
@@ -218,7 +218,7 @@ def load(path: str) -> ServiceConfig:
     from .config import load as load_config
 
     cfg = load_config(path)
-    _CRASH_LOG[0] = cfg.log_file
+    _CRASH_LOG[:] = [cfg.log_file, cfg.name, cfg.syslog_facility]
     return cfg
 
 
@@ -341,12 +341,12 @@ def guarded(call: Callable[[], int]) -> int:
 def _internal_error(exc: BaseException) -> int:
     import traceback
 
-    from .log import Log
+    from .log import open_log
 
     where = _CRASH_LOG[0]
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
     if where:
-        Log(where).error("internal error:\n" + text)
+        open_log(where, _CRASH_LOG[1], _CRASH_LOG[2]).error("internal error:\n" + text)
     else:
         where = "stderr"
         sys.stderr.write(text + "\n")

@@ -4,6 +4,9 @@ Imports only safepath from hadctl (os, time otherwise), so the spawned worker
 can use it cheaply. Lines are appended with one write each, so several
 processes can share one file.
 TRACE lines are written only when ``HADC_TRACE=1``.
+
+``log_file = "syslog"``: ``open_log`` returns a syslogsend.SyslogLog instead,
+imported only then (the worker's fast path never loads socket code otherwise).
 """
 from __future__ import annotations
 
@@ -31,6 +34,21 @@ def _stamp() -> str:
     now = time.time()
     base = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
     return f"{base}.{int((now % 1) * 100000):05d}"
+
+
+SYSLOG = "syslog"  # log_file = "syslog": as config.SYSLOG (the worker does not import config)
+
+
+def open_log(path: str, name: str, facility: str = "daemon", socket_path: str | None = None,
+             fallback_fd: int = 2) -> Log:
+    """hadctl's log for a service: the file ``path``, or syslog when ``path`` is "syslog"
+    (tag hadctl/NAME, ``facility``; a line syslogd does not take goes to
+    ``fallback_fd``, -1 drops it: syslogsend.SyslogLog)."""
+    if path != SYSLOG:
+        return Log(path)
+    from .syslogsend import SyslogLog
+
+    return SyslogLog(name, facility, socket_path, fallback_fd)
 
 
 class Log:

@@ -21,7 +21,11 @@ Worker side (imported by worker.py: standard library, lean and log only):
   thread would die with the main and lose it. It ignores TERM/INT/HUP for the
   same reason, holds the service's alive lock (a stop waits until it has sent
   everything), blocks when syslogd is slow (nothing dropped), and appends a line
-  it cannot send (no syslogd) to log_file rather than lose it.
+  it cannot send (no syslogd) to log_file rather than lose it (when log_file is
+  "syslog" too, there is no file: such a line is dropped). The sending itself is
+  syslogsend.py's, shared with hadctl's own log for ``log_file = "syslog"``.
+  With ``log_file = "syslog"`` a standby's own fds 1 and 2 go to the forwarder
+  too (they would go to log_file), and stdout_file/stderr_file default to it.
 
 Controller side (imported inside functions: control, stopping...): the actions
 ``reopen-logs``, ``logs`` and ``get-logrotate``.
@@ -41,13 +45,9 @@ if lean.TYPE_CHECKING:
     from .spec import WorkerSpec
 
 SYSLOG = "syslog"  # as config.SYSLOG (the worker does not import config)
-FACILITIES = {name: code for code, name in enumerate(
-    ("kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp", "cron", "authpriv", "ftp"))}
-FACILITIES.update({f"local{n}": 16 + n for n in range(8)})
 INFO, ERR = 6, 3
 _STDERR_FD = 3  # where the forwarder reads the stderr pipe (stdout's is its stdin)
 _ALIVE_FD = 4  # where it holds the service's alive lock
-MAX_LINE = 8000  # bytes of one datagram's message: longer lines go as several
 # Signals the worker itself lives by (leave, stop-file events, timers): never reopen_signal.
 RESERVED = ("TERM", "INT", "KILL", "IO", "ALRM", "PIPE")
 
@@ -82,7 +82,8 @@ class Outputs:
     def start_forwarder(self, alive_fd: int) -> None:
         """Start the syslog forwarder if stdout_file or stderr_file is "syslog"."""
         spec = self.spec
-        wanted = [fd for fd, path in ((1, spec.stdout_file), (2, spec.stderr_file)) if path == SYSLOG]
+        standby = spec.log_file == SYSLOG  # a standby's own output goes to syslog as well
+        wanted = [fd for fd, path in ((1, spec.stdout_file), (2, spec.stderr_file)) if path == SYSLOG or standby]
         if not wanted:
             return
         out_read, out_write = os.pipe()
@@ -102,13 +103,17 @@ class Outputs:
         except OSError as exc:
             for fd in (out_read, out_write, err_read, err_write):
                 os.close(fd)
-            self.log.error(f"cannot start the syslog forwarder: {exc.strerror}; output goes to {spec.log_file}")
+            self.log.error(f"cannot start the syslog forwarder: {exc.strerror}; output goes to "
+                           f"{os.devnull if standby else spec.log_file}")
             return
         os.close(out_read)
         os.close(err_read)
         for fd, write_end in ((1, out_write), (2, err_write)):
             if fd in wanted:
                 self.pipes[fd] = write_end
+                if standby:
+                    os.dup2(write_end, fd)
+                    self.targets[fd] = SYSLOG
             else:
                 os.close(write_end)
 
@@ -117,21 +122,23 @@ class Outputs:
         self.catch()
         for fd, path in ((1, self.spec.stdout_file), (2, self.spec.stderr_file)):
             pipe = self.pipes.pop(fd, -1)
-            if pipe >= 0:
+            if pipe >= 0 and path == SYSLOG:
                 os.dup2(pipe, fd)
                 os.close(pipe)
                 self.targets[fd] = SYSLOG
-            elif path == SYSLOG:
+                continue
+            if pipe >= 0:
+                os.close(pipe)  # the standby's own output went there (log_file "syslog"); fd is replaced below
+            if path == SYSLOG:
                 continue  # the forwarder could not start: stay on log_file (logged then)
-            else:
-                self.targets[fd] = path  # (a reopen-logs tries it again)
-                try:
-                    _attach(path, fd)
-                except OSError as exc:
-                    # a failover must not die on a file it cannot open (logrotate's root 0644
-                    # create): keep writing where this fd already goes; status names the file
-                    self.log.error(f"cannot open {'stdout_file' if fd == 1 else 'stderr_file'} {path}: "
-                                   f"{exc.strerror}; still writing to {_where(fd)}")
+            self.targets[fd] = path  # (a reopen-logs tries it again)
+            try:
+                _attach(path, fd)
+            except OSError as exc:
+                # a failover must not die on a file it cannot open (logrotate's root 0644
+                # create): keep writing where this fd already goes; status names the file
+                self.log.error(f"cannot open {'stdout_file' if fd == 1 else 'stderr_file'} {path}: "
+                               f"{exc.strerror}; still writing to {_where(fd)}")
 
     def reopen(self) -> None:
         """Open each output file again by name and put it in place of the old one.
@@ -172,11 +179,14 @@ def forward() -> None:
     the stdout pipe, fd 3 the stderr pipe. Returns when both reach EOF."""
     import select
 
+    from .syslogsend import FACILITIES, Sender
+
     socket_path, tag, facility, pid, fallback = sys.argv[1:6]
     for signum in (lean.SIGTERM, lean.SIGINT, lean.SIGHUP, lean.SIGUSR2):
         lean.set_handler(signum, lean.SIG_IGN)
     code = FACILITIES.get(facility, 3) * 8
-    sender = _Sender(socket_path, f"{tag}[{pid}]".encode(), fallback)
+    # a line syslogd does not take: appended to log_file; dropped when log_file is syslog too
+    sender = Sender(socket_path, f"{tag}[{pid}]".encode(), -1 if fallback == SYSLOG else fallback)
     streams = {0: [b"", code + INFO], _STDERR_FD: [b"", code + ERR]}
     while streams:
         for fd in select.select(list(streams), [], [])[0]:
@@ -190,54 +200,6 @@ def forward() -> None:
                 del streams[fd]
             for line in lines:
                 sender.send(int(state[1]), line)  # type: ignore[call-overload]
-
-
-class _Sender:
-    """One connected datagram socket to syslogd, reconnected when syslogd restarts."""
-
-    def __init__(self, path: str, tag: bytes, fallback: str) -> None:
-        self.path, self.tag, self.fallback = path, tag, fallback
-        self.sock: object = None
-
-    def send(self, priority: int, line: bytes) -> None:
-        import socket
-        import time
-
-        line = line.rstrip(b"\r")
-        now = time.localtime()  # RFC 3164: "Dec  2 18:49:45", English month, space-padded day
-        month = b"JanFebMarAprMayJunJulAugSepOctNovDec"[(now.tm_mon - 1) * 3:][:3]
-        stamp = b"%2d %02d:%02d:%02d" % (now.tm_mday, now.tm_hour, now.tm_min, now.tm_sec)
-        for start in range(0, max(len(line), 1), MAX_LINE):
-            message = b"<%d>%s %s %s: %s" % (priority, month, stamp, self.tag, line[start:start + MAX_LINE])
-            for _attempt in (1, 2):
-                try:
-                    if self.sock is None:
-                        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-                        try:
-                            sock.connect(self.path)
-                        except OSError:
-                            sock.close()
-                            raise
-                        self.sock = sock
-                    self.sock.send(message)  # type: ignore[attr-defined]
-                    break
-                except OSError as exc:
-                    if self.sock is not None:
-                        self.sock.close()  # type: ignore[attr-defined]
-                        self.sock = None
-                    if _attempt == 2:
-                        self._keep(message, exc)
-
-    def _keep(self, message: bytes, exc: OSError) -> None:
-        """syslogd cannot be reached: the line goes to log_file rather than nowhere."""
-        try:
-            fd = open_append(self.fallback)
-            try:
-                os.write(fd, b"[syslog unreachable: %s] %s\n" % ((exc.strerror or "").encode(), message))
-            finally:
-                os.close(fd)
-        except OSError:
-            pass
 
 
 # ---------------------------------------------------------------- controller side
@@ -285,7 +247,7 @@ def probe_alive(pid: int | None) -> bool:
 
 def _files_of(cfg: ServiceConfig, main: bool) -> dict[int, str]:
     if not main:
-        return {1: cfg.log_file, 2: cfg.log_file}
+        return {} if cfg.log_file == SYSLOG else {1: cfg.log_file, 2: cfg.log_file}
     return {fd: path for fd, path in ((1, cfg.main_stdout), (2, cfg.main_stderr)) if path != SYSLOG}
 
 
@@ -341,8 +303,13 @@ def unopened(cfg: ServiceConfig, reports: list[SlotReport]) -> list[str]:
             except OSError:  # gone meanwhile, or another user's process
                 continue
             found.append(f"main #{report.slot} (pid {report.pid}): {key} {path} is not open, it writes to {where}; "
-                         f"check {cfg.log_file} for details")
+                         f"check {_log_name(cfg)} for details")
     return found
+
+
+def _log_name(cfg: ServiceConfig) -> str:
+    """Where hadctl's own log is, for "check ... for details"."""
+    return f"syslog (journalctl -t hadctl/{cfg.name})" if cfg.log_file == SYSLOG else cfg.log_file
 
 
 def get_logrotate(cfg: ServiceConfig) -> str:
@@ -356,6 +323,11 @@ def get_logrotate(cfg: ServiceConfig) -> str:
                else shlex.quote(command))
 
     files = sorted({cfg.log_file, cfg.main_stdout, cfg.main_stderr} - {SYSLOG})
+    if not files:
+        from .errors import ConfigError
+
+        raise ConfigError(f'{cfg.config_file}: log_file, stdout_file and stderr_file all go to syslog: '
+                          "no file to rotate (syslog's own rotation covers them)")
     lines = [f"# logrotate stanza for hadctl service {cfg.name}: hadctl -c {cfg.config_file} get-logrotate",
              "# delaycompress: a line written between the rename and the reopen stays readable",
              " ".join(shlex.quote(f) for f in files) + " {",
@@ -388,8 +360,11 @@ def logs(cfg: ServiceConfig, follow: bool = False, lines: str | None = None, std
 
     path = cfg.log_file if hadctl else cfg.main_stderr if stderr else cfg.main_stdout
     if path == SYSLOG:
-        raise ConfigError(f'{cfg.config_file}: {"stderr_file" if stderr else "stdout_file"} is "syslog": '
-                          "read the service's lines in syslog (journalctl -t NAME, /var/log/syslog)")
+        key = "stderr_file" if stderr and cfg.stderr_file else "stdout_file" if not stderr and cfg.stdout_file \
+            else "log_file"
+        where = (f"hadctl's lines: journalctl -t hadctl/{cfg.name}" if hadctl
+                 else f"the service's lines: journalctl -t {cfg.name}")
+        raise ConfigError(f'{cfg.config_file}: {key} is "syslog": read {where} (or /var/log/syslog)')
     count = count_option(lines, 10, "logs -n", "lines")
     out = sys.stdout.buffer
     fd = _open_or_none(path)

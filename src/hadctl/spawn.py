@@ -37,7 +37,7 @@ import time
 from . import contain, lean
 from .errors import ActionFailedError
 from .layout import write_pid_file
-from .log import open_append
+from .log import SYSLOG, open_append
 from .record import replace
 from .spec import WorkerSpec, frame
 
@@ -301,7 +301,7 @@ def _fork_again_and_leave(pid_fd: int = -1) -> None:
 
 def _run_grandchild(spec: WorkerSpec, env: dict[str, str], report_fd: int, spec_fd: int,
                     listen_fds: tuple[int, ...] = ()) -> None:
-    _stdio_to_log(spec.log_file)
+    _stdio_to_log(os.devnull if spec.log_file == SYSLOG else spec.log_file)  # syslog: the forwarder's, later
     _join_cgroup(spec.cgroup)
     _set_rlimits(spec.rlimits)
     _drop_privileges(spec.uid, spec.gid, spec.user)
@@ -482,7 +482,7 @@ def spawn_from_worker(spec: WorkerSpec, close: tuple[int, ...] = (), alive_fd: i
     spec_fd = 3 + listening
     spec_read, spec_write = os.pipe()
     try:
-        log = open_append(spec.log_file)
+        log = open_append(os.devnull if spec.log_file == SYSLOG else spec.log_file)  # syslog: outputs.py
     except OSError:  # (a log_file its user may not open): the output of its spawner, not no standby
         log = os.dup(2)
     alive_copy = -1

@@ -58,7 +58,7 @@ from . import spawn as protocol
 from .entrypoint import EntrypointError, call, resolve
 from .locks import flock
 from .locks.engine import Engine, EngineError, GaveUp, Waits, worker_engine
-from .log import Log
+from .log import open_log
 from .outputs import Outputs
 from .spawn import spawn_from_worker
 from .spec import read as read_spec
@@ -111,7 +111,7 @@ class Worker(Waits):
         self.spec = spec
         self.report_fd = report_fd
         self.pid = os.getpid()
-        self.log = Log(spec.log_file)
+        self.log = open_log(spec.log_file, spec.name, spec.syslog_facility, spec.syslog_socket, -1)  # unsent: dropped
         self.layout = paths.Layout(spec.pid_dir, spec.locks_path, spec.locks_standby_path, spec.standby_stop_file)
         self.name = spec.name
         self.pid_file = self.layout.unknown_pid_file(self.pid)
