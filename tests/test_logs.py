@@ -273,6 +273,9 @@ def test_hadctl_log_lines_syslog_does_not_take_go_to_the_controllers_stderr(
     assert "[syslog unreachable: " in result.stderr and "hadctl/svc[" in result.stderr
     assert "main #1 started (pid " in result.stderr
     svc.run("stop", check=True)
+    svc.write(log_file="syslog", entrypoint="tests.services.broken:nothing")
+    result = svc.run("start")
+    assert result.returncode != 0 and "check syslog (journalctl -t hadctl/svc) for details" in result.stderr
     assert not list(svc.folder.rglob("syslog"))
 
 

@@ -50,7 +50,9 @@ def write_lines(outcome: Outcome, out: IO[str], err: IO[str], quiet: bool = Fals
         else:
             target.write(line(outcome.name, step.what, step.result) + "\n")
     if outcome.exit_status != 0 and outcome.action not in ("status",) and outcome.log_file:
-        err.write(f"{outcome.name} : check {outcome.log_file} for details\n")
+        where = (outcome.log_file if outcome.log_file != "syslog"  # log_file = "syslog": syslogsend.log_tag
+                 else f"syslog (journalctl -t hadctl/{outcome.name})")
+        err.write(f"{outcome.name} : check {where} for details\n")
 
 
 def _console(stream: IO[str]):  # type: ignore[no-untyped-def]
