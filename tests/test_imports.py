@@ -81,6 +81,13 @@ def test_the_worker_imports_neither_dataclasses_typing_signal_nor_threading():
     assert not loaded & heavy, loaded & heavy
 
 
+def test_a_worker_logging_to_syslog_imports_nothing_heavy_either():
+    """log_file = "syslog" loads syslogsend in every worker: _socket, not socket (enum, selectors)."""
+    loaded = _modules_after("import hadctl.worker, hadctl.syslogsend")
+    heavy = {"dataclasses", "typing", "signal", "threading", "enum", "json", "logging", "socket", "selectors"}
+    assert not loaded & heavy, loaded & heavy
+
+
 def test_plain_status_runs_without_click(service):
     svc = service()
     code = (f"sys.argv = ['hadctl', '-c', {str(svc.config)!r}, 'status']\n"
