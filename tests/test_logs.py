@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -263,6 +264,53 @@ def test_hadctl_log_levels_map_to_syslog_severities(rsyslogd: Any) -> None:
     assert [(f[0], f[1], f[2], f[3].strip()) for f in _syslog_lines(output)] == [
         (f"hadctl/levels[{os.getpid()}]:", "user", severity, f"a {level} line")
         for level, severity in (("trace", "debug"), ("info", "info"), ("warn", "warning"), ("error", "err"))]
+
+
+def _stopped(pid: int) -> bool:
+    """Every thread of ``pid`` is stopped (state T)."""
+    tasks = Path(f"/proc/{pid}/task")
+    return all((task / "stat").read_text().rsplit(")", 1)[1].split()[0] == "T" for task in tasks.iterdir())
+
+
+def test_hadctl_log_waits_for_a_stopped_syslogd_once_not_for_every_line(rsyslogd: Any, tmp_path: Path) -> None:
+    """rsyslogd stopped, its queue full: the first line waits SEND_TIMEOUT, the next ones
+    none (a failover logs several); all go to the fallback fd; once syslogd reads again,
+    lines reach it again."""
+    import socket as sockets
+
+    from hadctl.log import open_log
+    from hadctl.syslogsend import SEND_TIMEOUT
+
+    sock, output = rsyslogd
+    daemon = int((sock.parent / "pid").read_text())
+    kept = tmp_path / "stderr"
+    fd = os.open(kept, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.kill(daemon, signal.SIGSTOP)
+    wait_until(lambda: _stopped(daemon), 10, "rsyslogd stopped")  # (a signal is delivered later)
+    filler = sockets.socket(sockets.AF_UNIX, sockets.SOCK_DGRAM)
+    try:
+        filler.connect(str(sock))
+        filler.setblocking(False)
+        filled = 0
+        with pytest.raises(BlockingIOError):
+            for _n in range(10000):
+                filler.send(b"<14>fill")
+                filled += 1
+        log = open_log("syslog", "jam", "user", str(sock), fd)
+        started = time.monotonic()
+        for n in range(20):
+            log.info(f"line {n}")
+        took = time.monotonic() - started
+    finally:
+        os.kill(daemon, signal.SIGCONT)
+        filler.close()
+        os.close(fd)
+    assert took < SEND_TIMEOUT * 5, f"20 lines took {took:.2f} s with syslogd stopped"
+    assert [line.rsplit(": ", 1)[1] for line in kept.read_text().splitlines()] == [f"line {n}" for n in range(20)]
+    assert kept.read_text().startswith("[syslog unreachable: queue full] <14>")
+    wait_until(lambda: len(_syslog_lines(output)) >= filled, 10, "rsyslogd emptying its queue")
+    log.info("after")
+    wait_until(lambda: any(f[3].strip() == "after" for f in _syslog_lines(output)), 10, "the line after the jam")
 
 
 def test_hadctl_log_lines_syslog_does_not_take_go_to_the_controllers_stderr(

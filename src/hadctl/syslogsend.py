@@ -10,9 +10,10 @@ restarted. Two users, each importing this module only when something is
   cannot send goes to log_file;
 * hadctl's own log for ``log_file = "syslog"`` (``SyslogLog``, made by
   log.open_log): tag ``hadctl/NAME[PID]`` (as postfix/smtpd), severity from the
-  level, sends that wait at most SEND_TIMEOUT (a failover never waits on a jammed
-  syslogd for long); a line it cannot send goes to the controller's stderr, and
-  is dropped in a worker (it has no terminal, and its stderr may be syslog too).
+  level, sends that wait at most SEND_TIMEOUT, and only until one has waited in
+  vain (Sender.jammed: a stopped syslogd costs a failover one timeout); a line
+  it cannot send goes to the controller's stderr, and is dropped in a worker (it
+  has no terminal, and its stderr may be syslog too).
 """
 from __future__ import annotations
 
@@ -52,33 +53,48 @@ def frames(priority: int, tag: bytes, line: bytes) -> list[bytes]:
 class Sender:
     """One connected datagram socket to syslogd, reconnected when syslogd restarts.
 
-    ``timeout``: None blocks while syslogd's queue is full; a number waits that long.
+    ``timeout``: None blocks while syslogd's queue is full; a number waits that long,
+    once: then the sender is ``jammed`` and does not wait (a line syslogd does not
+    take at once goes to the fallback) until a line goes through again, so that a
+    stopped syslogd costs a command or a failover one timeout, not one per line.
     ``fallback``: where a line that cannot be sent goes: a file path (appended,
     log.open_append), a file descriptor, or -1 (dropped)."""
 
     def __init__(self, path: str, tag: bytes, fallback: str | int, timeout: float | None = None) -> None:
         self.path, self.tag, self.fallback, self.timeout = path, tag, fallback, timeout
         self.sock: _socket.socket | None = None
+        self.jammed = False
 
     def send(self, priority: int, line: bytes) -> None:
         for message in frames(priority, self.tag, line):
             for attempt in (1, 2):
                 try:
                     self._socket().send(message)
+                except (TimeoutError, BlockingIOError) as exc:  # syslogd's queue is full
+                    self._jam(True)
+                    self._keep(message, exc)
                     break
                 except OSError as exc:
                     if self.sock is not None:
                         self.sock.close()
                         self.sock = None
-                    if attempt == 2 or isinstance(exc, TimeoutError):
+                    if attempt == 2:
                         self._keep(message, exc)
-                        break
+                else:
+                    self._jam(False)
+                    break
+
+    def _jam(self, jammed: bool) -> None:
+        if jammed != self.jammed and self.timeout is not None:
+            self.jammed = jammed
+            if self.sock is not None:
+                self.sock.settimeout(0.0 if jammed else self.timeout)
 
     def _socket(self) -> _socket.socket:
         if self.sock is None:
             sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC)
             try:
-                sock.settimeout(self.timeout)
+                sock.settimeout(0.0 if self.jammed else self.timeout)
                 sock.connect(self.path)
             except OSError:
                 sock.close()
@@ -88,7 +104,8 @@ class Sender:
 
     def _keep(self, message: bytes, exc: OSError) -> None:
         """syslogd cannot be reached: the line goes to the fallback rather than nowhere."""
-        why = exc.strerror or ("timed out" if isinstance(exc, TimeoutError) else type(exc).__name__)
+        why = ("queue full" if isinstance(exc, (TimeoutError, BlockingIOError))
+               else exc.strerror or type(exc).__name__)
         text = b"[syslog unreachable: %s] %s\n" % (why.encode(), message)
         try:
             if isinstance(self.fallback, str):
