@@ -10,15 +10,16 @@ a log folder that the service's user may write, are reached through safepath
 opened never blocking (``touch``). A pid_dir recorded as another service's is
 refused by every action (owner.check, in ``Service``); start records its own.
 
-Imports config, errors, layout, locks.flock, log, model, owner, preflight, probe,
-safepath, slots and spawn (and sockets, only when ``listen`` is set); never click or rich.
+Imports config, errors, layout, locks.flock, log, model, owner, probe, safepath and
+slots; preflight (prepare) and spawn (fill) only where they work, so that stop and
+status do not load them (and sockets, only when ``listen`` is set); never click or rich.
 """
 from __future__ import annotations
 
 import errno
 import os
 
-from . import events, lean, owner, probe, safepath, spawn
+from . import events, lean, owner, probe, safepath
 from . import slots as read_model
 from .config import SYSLOG, ServiceConfig
 from .errors import ActionFailedError, BusyError, ConfigError, NotPermittedError
@@ -26,12 +27,11 @@ from .layout import Layout, read_pid_file, remove_stale
 from .locks import flock
 from .log import Log, open_append
 from .model import Outcome, SlotReport, Step
-from .preflight import check_open_files, not_a_file, read_only
 
 if lean.TYPE_CHECKING:
     from socket import socket
 
-    from . import contain
+    from . import contain, spawn
     from .locks.engine import Engine
 
 CONTROL_TIMEOUT = 60.0
@@ -141,6 +141,8 @@ def prepare(svc: Service) -> None:
     worker can write its pid files. Bad paths fail here, before anything runs:
     ConfigError or NotPermittedError; ActionFailedError beside orphaned holders.
     """
+    from .preflight import check_open_files
+
     cfg = svc.cfg
     refuse_beside_orphans(svc)
     check_paths(cfg)
@@ -218,6 +220,8 @@ def check_paths(cfg: ServiceConfig) -> None:
     log_file must not leave new folders in pid_dir. Changes nothing; raises
     ConfigError or NotPermittedError; ``prepare`` still reports whatever this
     cannot foresee."""
+    from .preflight import not_a_file, read_only
+
     for key, path, folder in (("pid_dir", cfg.pid_dir, True), ("locks.path", cfg.locks.path, True),
                               ("locks.standby_path", cfg.locks.standby_path, True),
                               ("log_file", cfg.log_file, False), ("stdout_file", cfg.stdout_file, False),
@@ -399,6 +403,7 @@ def _spawn(svc: Service, count: int, standby_extra: int = 0) -> list[spawn.Repor
     """Spawn ``count`` workers and read their reports; a worker that has not reported
     within the spawn timeout is ended with what it started (hung.py), and where it
     hung goes to the log."""
+    from . import spawn
     from .hung import end_unreported, spawn_timeout
     from .record import replace
 
