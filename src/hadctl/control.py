@@ -141,14 +141,10 @@ def prepare(svc: Service) -> None:
     worker can write its pid files. Bad paths fail here, before anything runs:
     ConfigError or NotPermittedError; ActionFailedError beside orphaned holders.
     """
-    from .preflight import check_open_files
-
     cfg = svc.cfg
     refuse_beside_orphans(svc)
     check_paths(cfg)
-    low = check_open_files(cfg)
-    if low is not None:
-        svc.log.warn(low)
+    _warn_of_low_open_files(svc)
     ident = cfg.identity
     chown = os.geteuid() == 0 and ident.uid is not None
     given = (ident.uid or 0, -1 if ident.gid is None else ident.gid) if chown else None
@@ -195,6 +191,17 @@ def prepare(svc: Service) -> None:
     from .contain import prepare_for
 
     prepare_for(cfg)  # the service's cgroup and its [limits] there (contain.py)
+
+
+def _warn_of_low_open_files(svc: Service) -> None:
+    """The open-files check before the first fork (preflight.check_open_files, imported
+    here: only prepare needs it): ActionFailedError for a pool that cannot fit, a
+    warning in the log when the limit was capped."""
+    from .preflight import check_open_files
+
+    low = check_open_files(svc.cfg)
+    if low is not None:
+        svc.log.warn(low)
 
 
 def _open_output(path: str) -> tuple[int, bool]:
