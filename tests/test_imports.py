@@ -74,6 +74,13 @@ def test_the_core_never_imports_click_or_rich():
     assert not {m for m in loaded if m.split(".")[0] in ("click", "rich")}
 
 
+def test_stop_and_status_load_neither_spawn_nor_preflight():
+    """Only what spawns (control.fill) needs spawn.py (and its spec, contain), only
+    prepare needs preflight.py: stop and status, which do neither, do not load them."""
+    loaded = _modules_after("import hadctl.entry, hadctl.actions, hadctl.services")
+    assert not {"hadctl.spawn", "hadctl.spec", "hadctl.preflight", "hadctl.contain"} & loaded
+
+
 def test_the_worker_imports_neither_dataclasses_typing_signal_nor_threading():
     loaded = _modules_after("import hadctl.worker")
     heavy = {"dataclasses", "typing", "signal", "threading", "enum", "click", "rich", "json", "logging", "ctypes",

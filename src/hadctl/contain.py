@@ -69,8 +69,19 @@ def service_id(name: str, pid_dir: str) -> str:
 # ------------------------------------------------------------ cgroup v2
 
 
+_MOUNT: list[str | None] = []  # read once per process: status --all asks twice for every service
+
+
 def cgroup2_mount() -> str | None:
-    """Where cgroup v2 is mounted (/proc/self/mounts), or None."""
+    """Where cgroup v2 is mounted (/proc/self/mounts), or None. Read once per process:
+    the services' cgroups (in every worker's spec) lie beneath it, so it cannot move
+    under them."""
+    if not _MOUNT:
+        _MOUNT.append(_find_cgroup2_mount())
+    return _MOUNT[0]
+
+
+def _find_cgroup2_mount() -> str | None:
     try:
         with open("/proc/self/mounts") as handle:
             for line in handle:
@@ -230,21 +241,19 @@ class Finder:
         # the cgroup as /proc/PID/cgroup names it: relative to the cgroup2 mount
         self._line = "0::" + self.cgroup[len(cgroup2_mount() or ""):] if self.cgroup else ""
 
-    def members(self) -> list[Member]:
+    def members(self, mine: set[int] | None = None) -> list[Member]:
         """Every live process of the service (zombies are gone already), but this
-        process and its ancestors (a controller run from inside the service)."""
-        mine = _self_and_ancestors()
+        process and its ancestors (a controller run from inside the service; ``mine``:
+        them, when the caller has them already)."""
+        mine = _self_and_ancestors() if mine is None else mine
         found = self._cgroup_members() if self.cgroup else self._marker_members()
         return [m for m in found if m.pid not in mine and probe.is_alive(m.pid)]
 
     def _cgroup_members(self) -> list[Member]:
         found: list[Member] = []
-        for name in probe.listdir(self.cgroup):
-            folder = os.path.join(self.cgroup, name)
+        for name, folder in _subfolders(self.cgroup):
             owner = int(name[len(_WORKER_PREFIX):]) if name.startswith(_WORKER_PREFIX) and \
                 name[len(_WORKER_PREFIX):].isdigit() else 0
-            if not os.path.isdir(folder):
-                continue
             found.extend(Member(pid, owner or pid) for pid in _procs_below(folder))
         found.extend(Member(pid, pid) for pid in _ints(_read(os.path.join(self.cgroup, "cgroup.procs"))))
         return found
@@ -262,8 +271,7 @@ class Finder:
         data = self.environs.get(pid) if cached and self.environs is not None else None
         if data is None:
             try:
-                with open(f"/proc/{pid}/environ", "rb") as handle:
-                    data = b"\0" + handle.read()
+                data = b"\0" + lean.read_proc(f"/proc/{pid}/environ")
             except OSError:
                 data = b""
             if self.environs is not None:
@@ -303,11 +311,28 @@ class Finder:
 
 def _procs_below(folder: str) -> list[int]:
     pids = _ints(_read(os.path.join(folder, "cgroup.procs")))
-    for name in probe.listdir(folder):
-        below = os.path.join(folder, name)
-        if os.path.isdir(below) and not name.startswith("."):
+    for name, below in _subfolders(folder):
+        if not name.startswith("."):
             pids += _procs_below(below)
     return pids
+
+
+def _subfolders(folder: str) -> list[tuple[str, str]]:
+    """(name, path) of the child cgroups of ``folder``; [] when it cannot be listed.
+    The file type comes with the listing (scandir): a cgroup folder holds some thirty
+    interface files, and a stat of each cost status --all most of its time."""
+    try:
+        with os.scandir(folder) as entries:
+            return [(entry.name, entry.path) for entry in entries if _is_dir(entry)]
+    except OSError:
+        return []
+
+
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 def _self_and_ancestors() -> set[int]:
@@ -402,8 +427,7 @@ def sweep(finder: Finder, alive_lock: str, ladder: tuple[str, ...], timeout: flo
 
 def _read(path: str) -> str:
     try:
-        with open(path) as handle:
-            return handle.read()
+        return lean.read_proc(path).decode()
     except OSError:
         return ""
 
@@ -479,6 +503,7 @@ def prepare_for(cfg: ServiceConfig) -> str:
 
 
 _STATUS_ENVIRONS: dict[int, bytes] = {}  # a controller is short-lived: one read of each environ per command
+_STATUS_ANCESTORS: list[set[int]] = []  # ...and one walk up its own ancestors
 
 
 def finder_for(cfg: ServiceConfig, environs: dict[int, bytes] | None = None) -> Finder:
@@ -489,7 +514,9 @@ def status_facts(cfg: ServiceConfig, mains: list[tuple[int, int]]) -> dict[str, 
     """What status shows of the containment: the mode, per main (``mains``: slot, pid)
     its figures with its descendants, and the leftovers (members of no live worker)."""
     finder = finder_for(cfg, _STATUS_ENVIRONS)
-    members = finder.members() if mains or os.path.isdir(cfg.pid_dir) else []
+    if not _STATUS_ANCESTORS:
+        _STATUS_ANCESTORS.append(_self_and_ancestors())
+    members = finder.members(_STATUS_ANCESTORS[0]) if mains or os.path.isdir(cfg.pid_dir) else []
     slots = {}
     for slot, pid in mains:
         tree = [pid] + [m.pid for m in members if m.owner == pid and m.pid != pid]

@@ -10,15 +10,16 @@ a log folder that the service's user may write, are reached through safepath
 opened never blocking (``touch``). A pid_dir recorded as another service's is
 refused by every action (owner.check, in ``Service``); start records its own.
 
-Imports config, errors, layout, locks.flock, log, model, owner, preflight, probe,
-safepath, slots and spawn (and sockets, only when ``listen`` is set); never click or rich.
+Imports config, errors, layout, locks.flock, log, model, owner, probe, safepath and
+slots; preflight (prepare) and spawn (fill) only where they work, so that stop and
+status do not load them (and sockets, only when ``listen`` is set); never click or rich.
 """
 from __future__ import annotations
 
 import errno
 import os
 
-from . import events, lean, owner, probe, safepath, spawn
+from . import events, lean, owner, probe, safepath
 from . import slots as read_model
 from .config import SYSLOG, ServiceConfig
 from .errors import ActionFailedError, BusyError, ConfigError, NotPermittedError
@@ -26,12 +27,11 @@ from .layout import Layout, read_pid_file, remove_stale
 from .locks import flock
 from .log import open_append, open_log
 from .model import Outcome, SlotReport, Step
-from .preflight import check_open_files, not_a_file, read_only
 
 if lean.TYPE_CHECKING:
     from socket import socket
 
-    from . import contain
+    from . import contain, spawn
     from .locks.engine import Engine
 
 CONTROL_TIMEOUT = 60.0
@@ -144,9 +144,7 @@ def prepare(svc: Service) -> None:
     cfg = svc.cfg
     refuse_beside_orphans(svc)
     check_paths(cfg)
-    low = check_open_files(cfg)
-    if low is not None:
-        svc.log.warn(low)
+    _warn_of_low_open_files(svc)
     ident = cfg.identity
     chown = os.geteuid() == 0 and ident.uid is not None
     given = (ident.uid or 0, -1 if ident.gid is None else ident.gid) if chown else None
@@ -195,6 +193,17 @@ def prepare(svc: Service) -> None:
     prepare_for(cfg)  # the service's cgroup and its [limits] there (contain.py)
 
 
+def _warn_of_low_open_files(svc: Service) -> None:
+    """The open-files check before the first fork (preflight.check_open_files, imported
+    here: only prepare needs it): ActionFailedError for a pool that cannot fit, a
+    warning in the log when the limit was capped."""
+    from .preflight import check_open_files
+
+    low = check_open_files(svc.cfg)
+    if low is not None:
+        svc.log.warn(low)
+
+
 def _open_output(path: str) -> tuple[int, bool]:
     """Open a log or output file for appending: (fd, whether this call created it)."""
     try:
@@ -218,6 +227,8 @@ def check_paths(cfg: ServiceConfig) -> None:
     log_file must not leave new folders in pid_dir. Changes nothing; raises
     ConfigError or NotPermittedError; ``prepare`` still reports whatever this
     cannot foresee."""
+    from .preflight import not_a_file, read_only
+
     for key, path, folder in (("pid_dir", cfg.pid_dir, True), ("locks.path", cfg.locks.path, True),
                               ("locks.standby_path", cfg.locks.standby_path, True),
                               ("log_file", cfg.log_file, False), ("stdout_file", cfg.stdout_file, False),
@@ -399,6 +410,7 @@ def _spawn(svc: Service, count: int, standby_extra: int = 0) -> list[spawn.Repor
     """Spawn ``count`` workers and read their reports; a worker that has not reported
     within the spawn timeout is ended with what it started (hung.py), and where it
     hung goes to the log."""
+    from . import spawn
     from .hung import end_unreported, spawn_timeout
     from .record import replace
 

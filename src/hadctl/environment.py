@@ -31,7 +31,7 @@ import os
 import pwd
 
 from .errors import ConfigError
-from .lean import TYPE_CHECKING
+from .lean import TYPE_CHECKING, read_proc
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
@@ -222,8 +222,7 @@ def digest(env: Mapping[str, str]) -> str:
 def of_process(pid: int) -> dict[str, str] | None:
     """The environment process ``pid`` was started with (/proc/PID/environ), None if unreadable."""
     try:
-        with open(f"/proc/{pid}/environ", "rb") as handle:
-            data = handle.read()
+        data = read_proc(f"/proc/{pid}/environ")
     except OSError:
         return None
     env: dict[str, str] = {}

@@ -17,14 +17,14 @@ in the config while the service runs is found (``workers_elsewhere``): the
 workers with this marker that use another pid_dir, which start refuses to
 double and status and stop report.
 
-Imports errors, probe and safepath from hadctl; never click or rich.
+Imports errors, lean, probe and safepath from hadctl; never click or rich.
 """
 from __future__ import annotations
 
 import errno
 import os
 
-from . import probe
+from . import lean, probe
 from .errors import ConfigError
 from .lean import TYPE_CHECKING
 from .safepath import open_beneath
@@ -128,8 +128,7 @@ def _marked() -> dict[str, list[int]]:
         if not name.isdigit() or int(name) == me:
             continue
         try:
-            with open(f"/proc/{name}/environ", "rb") as handle:
-                data = handle.read()
+            data = lean.read_proc(f"/proc/{name}/environ")
         except OSError as exc:
             if exc.errno not in (errno.ENOENT, errno.EACCES, errno.ESRCH, errno.EPERM):
                 raise

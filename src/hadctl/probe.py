@@ -100,8 +100,7 @@ def proc_stat(pid: int) -> ProcStat | None:
     file: the command name may hold spaces and parentheses, so fields are counted
     from the last ``)``."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            data = handle.read()
+        data = lean.read_proc(f"/proc/{pid}/stat")
         fields = data[data.rfind(b")") + 2:].split()
         return ProcStat(fields[0].decode(), int(fields[1]), int(fields[2]), int(fields[3]), int(fields[19]),
                         int(fields[11]), int(fields[12]), int(fields[21]))

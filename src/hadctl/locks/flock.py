@@ -351,8 +351,7 @@ def holds(pid: int, key: tuple[int, int, int]) -> bool:
     wanted = f"ino:\t{key[2]}\n"
     for name in names:
         try:
-            with open(f"{folder}/{name}", encoding="ascii", errors="replace") as handle:
-                text = handle.read()
+            text = lean.read_proc(f"{folder}/{name}").decode("ascii", "replace")
         except OSError:
             continue
         if wanted not in text:
