@@ -24,13 +24,15 @@ how long it must wait before it may take a standby slot:
   younger than ``start_limit_interval``, the delay is 1 s, 2 s, 4 s ... capped
   at ``restart_backoff_max``: one doubling per death beyond the burst.
 
-Worker-safe: standard library (os, time, fcntl) only.
+Worker-safe: standard library (os, time, fcntl) and lean only.
 """
 from __future__ import annotations
 
 import fcntl
 import os
 import time
+
+from .lean import read_small
 
 KEEP = 64  # entries kept; a run longer than this is as bad as it gets anyway
 
@@ -67,16 +69,10 @@ def note_handover(pid_dir: str, slot: int, pid: int, why: str = ASKED) -> None:
 
 def read_handover(pid_dir: str, slot: int) -> tuple[int, str] | None:
     """(pid, why) of the hand-over note of ``slot``, or None."""
-    try:
-        fd = os.open(handover_file(pid_dir, slot), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
+    data = read_small(handover_file(pid_dir, slot), 64)
+    if data is None:
         return None
-    try:
-        words = os.read(fd, 64).split()
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
+    words = data.split()
     if len(words) != 2 or not words[0].isdigit():
         return None
     return int(words[0]), words[1].decode("ascii", "replace")

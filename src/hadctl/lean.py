@@ -99,6 +99,22 @@ def host_id() -> str:
     return os.environ.get("HADCTL_HOST_ID") or os.uname().nodename
 
 
+def read_small(path: str, size: int) -> bytes | None:
+    """The first ``size`` bytes of a small file hadctl keeps in pid_dir (a hand-over
+    note, a heartbeat), or None when it cannot be read. Never through a link and
+    never blocking on a FIFO planted in its place (the folder is the service user's)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return os.pread(fd, size, 0)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
 def read_proc(path: str) -> bytes:
     """The whole content of ``path`` (a /proc file: read until the end, whatever
     each read returns); raises OSError as ``open`` would."""

@@ -81,17 +81,8 @@ def start_beats(pid_dir: str, slot: int, pid: int) -> Any:
 
 def read_beat(pid_dir: str, slot: int) -> tuple[int, int] | None:
     """(monotonic_ns of the last beat, pid) of ``slot``'s main, or None (none yet)."""
-    try:
-        fd = os.open(beat_file(pid_dir, slot), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError:
-        return None
-    try:
-        data = os.pread(fd, BEAT_SIZE, 0)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    if len(data) != BEAT_SIZE:
+    data = lean.read_small(beat_file(pid_dir, slot), BEAT_SIZE)
+    if data is None or len(data) != BEAT_SIZE:
         return None
     beat, pid = int.from_bytes(data[:8], "little"), int.from_bytes(data[8:], "little")
     if beat == 0 or pid == 0:  # made, not yet written (start_beats)
