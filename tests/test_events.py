@@ -273,3 +273,46 @@ def test_a_restart_without_standbys_is_recorded_per_slot(service):
     restarts = [e for e in _events(svc) if e["kind"] == "restart"]
     assert sorted((e["slot"], e["old_pid"]) for e in restarts) == sorted(old.items())
     assert all(e["gap"] is True for e in restarts)  # no standby: a gap, as documented
+
+
+def test_a_failover_record_leaves_no_lock_to_a_child_the_function_forks_meanwhile(tmp_path, monkeypatch):
+    """The promoted main's settling thread looks whether a controller holds hadctl.lock
+    (a shared flock) beside the function: a child the function forks in that moment
+    shares the open file. It must not keep the lock (a 60 s stop was seen: the
+    function's children, left by kill_mode = "process", held it)."""
+    import fcntl
+
+    from hadctl import events
+    from hadctl.layout import Layout
+    from hadctl.locks import flock
+
+    layout = Layout(str(tmp_path), str(tmp_path / "lock"), str(tmp_path / "lock-standby"),
+                    str(tmp_path / "standby-stop-file"))
+    hold_shared = flock.hold_shared
+    gate_read, gate_write = os.pipe()
+    children = []
+
+    def hold_then_fork(path):
+        fd = hold_shared(path)
+        child = os.fork()
+        if child == 0:  # the function's child: lives on, shares every open file
+            os.close(gate_write)
+            os.read(gate_read, 1)
+            os._exit(0)
+        children.append(child)
+        return fd
+
+    monkeypatch.setattr(flock, "hold_shared", hold_then_fork)
+    try:
+        events.record_failover(layout, 1, os.getpid())
+        fd = os.open(layout.control_lock, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while the child holds it
+        finally:
+            os.close(fd)
+    finally:
+        os.close(gate_write)
+        os.close(gate_read)
+        for child in children:
+            os.waitpid(child, 0)
+    assert children

@@ -100,7 +100,10 @@ def record_failover(layout: Layout, slot: int, pid: int) -> None:
     except OSError:
         control = -1
     if control is not None and control >= 0:
-        os.close(control)
+        # unlocked, not just closed: the function runs beside this thread, and a child it
+        # forked meanwhile shares the open file: closing would leave it holding the lock,
+        # and every later controller would wait for that child (stop: 60 s, then "busy")
+        flock.release(control)
     try:
         tick = round(time.clock_getres(_CLOCK_REALTIME_COARSE) * 1000, 3)
     except OSError:
