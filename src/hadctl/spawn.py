@@ -2,12 +2,18 @@
 
 The recipe, in the order it runs (APUE §13.3, "Coding Rules" for daemons):
 
-  parent:      _fork_and_read_report   fork; feed the spec; reap the child (which
-                                       tells the worker's pid on a pipe)
+  parent:      _fork_and_read_report   fork; reap the child (which tells the
+                                       worker's pid on a pipe); move the worker
+                                       into its cgroup; feed the spec
   child:       _become_session_leader, _fork_again_and_leave
-  grandchild:  _stdio_to_log, _join_cgroup, _set_rlimits, _drop_privileges,
-               _set_umask, _set_nice, _chdir, _reset_signals, _listen_fds_at_3,
-               _close_fds, _exec_worker
+  grandchild:  _stdio_to_log, _set_rlimits, _drop_privileges, _set_umask,
+               _set_nice, _chdir, _reset_signals, _listen_fds_at_3, _close_fds,
+               _exec_worker
+
+The parent moves the worker into its cgroup (``_join_cgroup``) while the worker
+execs and starts its interpreter: the first move into a cgroup waits for the
+kernel (an RCU grace period, 4-25 ms here), and the worker, which does nothing
+before it has read its spec, waits for it only if it is quicker.
 
 The grandchild execs a fresh interpreter (the worker), so a standby carries
 none of the controller's memory (click, rich, tomllib). The spec goes to it as
@@ -237,19 +243,23 @@ def _fork_and_read_report(spec: WorkerSpec, env: dict[str, str], listen_fds: tup
         _run_child(spec, env, report_write, spec_read, (report_read, spec_write, pid_read), listen_fds, pid_write)
     for fd in (report_write, spec_read, pid_write):
         os.close(fd)
+    worker = None
     try:
+        os.waitpid(pid, 0)
+        try:
+            text = os.read(pid_read, 32).strip()  # written before the child exited (or nothing: EOF)
+        finally:
+            os.close(pid_read)
+        worker = int(text) if text.isdigit() else None
+        if worker is not None:
+            _join_cgroup(spec.cgroup, worker)  # before the spec: the worker waits for it to do anything
         while payload:
             payload = payload[os.write(spec_write, payload):]
     except BrokenPipeError:
         pass  # the grandchild died first; its report pipe tells why
     finally:
         os.close(spec_write)
-    os.waitpid(pid, 0)
-    try:
-        text = os.read(pid_read, 32).strip()  # written before the child exited (or nothing: EOF)
-    finally:
-        os.close(pid_read)
-    return Spawned(report_read, int(text) if text.isdigit() else None)
+    return Spawned(report_read, worker)
 
 
 # ---------------------------------------------------------------- child
@@ -302,7 +312,6 @@ def _fork_again_and_leave(pid_fd: int = -1) -> None:
 def _run_grandchild(spec: WorkerSpec, env: dict[str, str], report_fd: int, spec_fd: int,
                     listen_fds: tuple[int, ...] = ()) -> None:
     _stdio_to_log(os.devnull if spec.log_file == SYSLOG else spec.log_file)  # syslog: the forwarder's, later
-    _join_cgroup(spec.cgroup)
     _set_rlimits(spec.rlimits)
     _drop_privileges(spec.uid, spec.gid, spec.user)
     _set_umask(spec.umask)
@@ -332,14 +341,15 @@ def _stdio_to_log(log_file: str) -> None:
     os.close(log)
 
 
-def _join_cgroup(cgroup: str) -> None:
-    """Move into the worker's own child of the service's cgroup v2 folder (contain.join).
+def _join_cgroup(cgroup: str, worker: int) -> None:
+    """Move ``worker`` into its own child of the service's cgroup v2 folder (contain.join).
 
-    Done before privileges drop: leaving the controller's cgroup needs write access
-    to the cgroup.procs of the common ancestor. Without it, what the worker starts
-    can only be told by the marker, which a process that clears its environment loses.
+    Done by the controller, which may write the cgroup.procs of the common ancestor
+    (the worker, its privileges dropped, may not), before the worker has its spec:
+    it starts nothing before. Without it, what the worker starts can only be told by
+    the marker, which a process that clears its environment loses.
     """
-    contain.join(cgroup, os.getpid())
+    contain.join(cgroup, worker)
 
 
 def _set_rlimits(rlimits: tuple[tuple[int, int, int], ...]) -> None:
